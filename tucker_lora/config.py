@@ -1,0 +1,132 @@
+"""`TuckerAdapterConfig`: every setting of a Tucker adapter, checked when it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from ._peft_internals import ensure_peft_type
+
+CONV_MODES = ("channels", "all")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
+
+
+@dataclass
+class TuckerAdapterConfig(PeftConfig):
+    """
+    Configuration of a rank-adaptive Tucker adapter (`PeftType.TUCKER`, parameter prefix `tucker_`).
+
+    Each adapted weight gets `W0 + s * dW` with `dW = core x_1 U_1 x_2 U_2 ...`, orthonormal bases `U_i` and a core
+    that starts at zero. Ranks grow by basis augmentation and shrink by truncation with tolerance `tau` while
+    training (see `TuckerRankCallback` / `TuckerRankUpdater`).
+
+    Args:
+        tau (`float`): relative truncation tolerance in (0, 1): a mode keeps the smallest rank whose discarded
+            singular values have norm at most `tau * ||core||_F`.
+        r (`int`): initial rank of every adaptive mode.
+        r_max (`int`, *optional*): largest rank a mode may keep after truncation; defaults to `2 * r`. Storage is
+            allocated once at `min(n_i, 2 * r_max)` columns per basis, so that augmentation never reallocates.
+        r_min (`int`): smallest rank a mode may keep (>= 1, so an adapter never dies).
+        alpha (`float`): the scaling is `s = alpha / r`, fixed for the life of the adapter (never recomputed when
+            ranks change).
+        dropout (`float`): dropout on the adapter's input.
+        target_modules (`list[str] | str`, *optional*): module names (suffix match) or a regex; defaults exist for
+            `deberta-v2` and `bert`.
+        exclude_modules (`list[str] | str`, *optional*): modules not to adapt.
+        layers_to_transform, layers_pattern: PEFT semantics.
+        modules_to_save (`list[str]`, *optional*): modules trained in full and saved (the classifier head for
+            `SEQ_CLS`, added by PEFT).
+        rank_pattern (`dict`): per-module active ranks, `{module name or regex: int or [r_1, r_2, ...]}`. Written on
+            save with the ranks in use, so that loading rebuilds them.
+        conv_modes (`str`): `"channels"` (default) adapts the out/in channel modes of a `Conv2d` and keeps the
+            spatial modes full; `"all"` adapts the spatial modes too.
+        init_weights (`bool`): `True` starts from a zero core (the output equals the base model's); `False` draws a
+            random core, for tests.
+        core_steps (`int`): optimizer steps on the augmented core between augmentation and truncation.
+        augment_start_step (`int`): optimizer steps before the first augmentation (the core must move away from
+            zero first: a zero core has zero basis gradients).
+        freeze_ranks_after (`int | float`, *optional*): stop adapting ranks after this many optimizer steps (int)
+            or this fraction of the run (float in (0, 1]); `None` adapts until the end.
+
+    Example:
+        ```py
+        >>> import tucker_lora
+        >>> from peft import get_peft_model
+        >>> config = tucker_lora.TuckerAdapterConfig(tau=0.1, r=8, task_type="SEQ_CLS")
+        >>> model = get_peft_model(base_model, config)
+        ```
+    """
+
+    tau: float = field(default=0.1, metadata={"help": "Relative truncation tolerance in (0, 1)."})
+    r: int = field(default=8, metadata={"help": "Initial rank of every adaptive mode."})
+    r_max: int | None = field(default=None, metadata={"help": "Largest rank after truncation; default 2 * r."})
+    r_min: int = field(default=1, metadata={"help": "Smallest rank after truncation (>= 1)."})
+    alpha: float = field(default=8.0, metadata={"help": "Scaling s = alpha / r, fixed for the adapter's life."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to adapt."})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules not to adapt."})
+    layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained in full."})
+    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module active ranks."})
+    conv_modes: Literal["channels", "all"] = field(default="channels", metadata={"help": "Adaptive conv modes."})
+    init_weights: bool = field(default=True, metadata={"help": "Zero core at init (output == base model's)."})
+    core_steps: int = field(default=10, metadata={"help": "Core steps between augmentation and truncation."})
+    augment_start_step: int = field(default=10, metadata={"help": "Optimizer steps before the first augmentation."})
+    freeze_ranks_after: int | float | None = field(
+        default=None, metadata={"help": "Freeze ranks after this step (int) or fraction of the run (float)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type()
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.r_max is None:
+            self.r_max = 2 * self.r if isinstance(self.r, int) else self.r
+        self._validate()
+
+    def _validate(self) -> None:
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 < self.tau < 1.0:
+            raise ValueError(f"`tau` must be in (0, 1); got {self.tau!r}.")
+        _check_int("r", self.r, 1)
+        _check_int("r_min", self.r_min, 1)
+        _check_int("r_max", self.r_max, 1)
+        if self.r_max < self.r:
+            raise ValueError(f"`r_max` must be >= `r` ({self.r}); got {self.r_max}.")
+        if self.r_min > self.r:
+            raise ValueError(f"`r_min` must be <= `r` ({self.r}); got {self.r_min}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"`alpha` must be a number > 0; got {self.alpha!r}.")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}.")
+        if self.conv_modes not in CONV_MODES:
+            raise ValueError(f"`conv_modes` must be one of {list(CONV_MODES)}; got {self.conv_modes!r}.")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"`init_weights` must be True or False; got {self.init_weights!r}.")
+        _check_int("core_steps", self.core_steps, 1)
+        _check_int("augment_start_step", self.augment_start_step, 0)
+        freeze = self.freeze_ranks_after
+        if isinstance(freeze, float) and not 0.0 < freeze <= 1.0:
+            raise ValueError(f"`freeze_ranks_after` as a fraction must be in (0, 1]; got {freeze!r}.")
+        if freeze is not None and not isinstance(freeze, float):
+            _check_int("freeze_ranks_after", freeze, 0)
+        if not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"`rank_pattern` must be a dict of module name -> ranks; got {self.rank_pattern!r}.")
+        for key, ranks in self.rank_pattern.items():
+            values = ranks if isinstance(ranks, (list, tuple)) else [ranks]
+            for value in values:
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.r_max:
+                    raise ValueError(
+                        f"`rank_pattern[{key!r}]` must hold integers in [1, r_max={self.r_max}]; got {ranks!r}."
+                    )
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("`layers_pattern` needs `layers_to_transform` to be set; got layers_to_transform=None.")

@@ -1,0 +1,95 @@
+"""Exact export of Tucker adapters to a standard PEFT LoRA adapter (METHOD section 1).
+
+Linear: `dW = U_out C U_in^T` is a LoRA pair of rank min(r_out, r_in). Channel-Tucker conv: `dW` flattened to
+`out x (in*kh*kw)` is `U_out * Mat_1(C x_2 U_in)`: a LoRA conv with `A = C x_2 U_in` (kernel kh x kw) and a 1x1 `B`.
+The scaling is kept as LoRA's `alpha / r` per module, so nothing needs to be remembered outside the files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+
+from .layer import Conv2d, Linear, TuckerLayer
+
+
+def _lora_pair(layer: TuckerLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(A, B)` with `B @ A == dW` (unscaled), in PEFT LoRA's weight shapes."""
+    u_out, u_in = layer.active_bases(adapter_name)[:2]
+    if isinstance(layer, Linear):
+        core = layer.active_core(adapter_name)
+        if core.shape[0] <= core.shape[1]:
+            return core @ u_in.T, u_out
+        return u_in.T, u_out @ core
+    kernel = layer.spatial_kernel(adapter_name)
+    lora_a = torch.einsum("abhw,ib->aihw", kernel, u_in)
+    return lora_a, u_out[:, :, None, None]
+
+
+def _check_exportable(name: str, layer: TuckerLayer) -> None:
+    if isinstance(layer, Conv2d):
+        base = layer.get_base_layer()
+        if base.dilation != (1, 1) or base.padding_mode != "zeros":
+            raise ValueError(
+                f"Module {name!r} cannot be exported exactly: PEFT's LoRA conv ignores dilation and padding_mode, "
+                f"and this layer has dilation={base.dilation}, padding_mode={base.padding_mode!r}."
+            )
+
+
+def export_lora(model: nn.Module, output_dir: str | os.PathLike, adapter_name: str = "default") -> LoraConfig:
+    """
+    Write the Tucker adapter `adapter_name` of `model` as a standard PEFT LoRA adapter in `output_dir`.
+
+    The result loads with `PeftModel.from_pretrained(base_model, output_dir)` in a process that never imports
+    tucker_lora, and gives the same outputs within float32 tolerance. Per-module ranks go to `rank_pattern` and
+    the scaling to `alpha_pattern`; `modules_to_save` (e.g. a classifier head) are written as they are.
+
+    Example:
+        ```py
+        >>> tucker_lora.export_lora(peft_model, "my-adapter-as-lora")
+        >>> PeftModel.from_pretrained(base_model, "my-adapter-as-lora")
+        ```
+    """
+    config = model.peft_config[adapter_name]
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    for full_name, layer in model.named_modules():
+        if not isinstance(layer, TuckerLayer) or adapter_name not in layer.tucker_core:
+            continue
+        name = full_name.removeprefix("base_model.model.")
+        _check_exportable(name, layer)
+        with torch.no_grad():
+            lora_a, lora_b = _lora_pair(layer, adapter_name)
+        rank = lora_a.shape[0]
+        scaling = layer.tucker_alpha[adapter_name] / layer.tucker_r_init[adapter_name]
+        rank_pattern[name] = rank
+        alpha_pattern[name] = scaling * rank
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.detach().float().contiguous().cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.detach().float().contiguous().cpu()
+    if not tensors:
+        raise ValueError(f"The model has no Tucker adapter named {adapter_name!r} to export.")
+
+    # modules_to_save (a classifier head) are stored the same way for every PEFT method
+    for key, value in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
+        if ".tucker_" not in key:
+            tensors[key] = value.detach().contiguous().cpu()
+
+    max_rank = max(rank_pattern.values())
+    lora_config = LoraConfig(
+        r=max_rank,
+        lora_alpha=max_rank,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        target_modules=sorted(rank_pattern),
+        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        lora_dropout=0.0,
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    lora_config.save_pretrained(output_dir)
+    save_file(tensors, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return lora_config
