@@ -141,3 +141,51 @@ def test_count_parameters_counts_active_slices_and_head(case):
     assert tucker_lora.count_parameters(model) == expected
     allocated = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert tucker_lora.count_parameters(model) < allocated
+
+
+def test_default_targets_for_deberta_are_the_papers_six_matrices_per_layer():
+    from tests.toy_models import tiny_deberta
+
+    model = tucker_lora_model(tiny_deberta(), task_type="SEQ_CLS")
+    names = sorted(tucker_lora.get_ranks(model))
+    assert len(names) == 6 * 2
+    suffixes = {n.split("layer.0.")[1] for n in names if "layer.0." in n}
+    assert suffixes == {
+        "attention.self.query_proj",
+        "attention.self.key_proj",
+        "attention.self.value_proj",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    }
+    assert any("modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad), "head not trained"
+
+
+def test_layers_to_transform_limits_adaptation_to_those_layers():
+    from tests.toy_models import tiny_deberta
+
+    model = tucker_lora_model(tiny_deberta(), task_type="SEQ_CLS", layers_to_transform=[1], layers_pattern="layer")
+    names = tucker_lora.get_ranks(model)
+    assert names and all(".layer.1." in n for n in names)
+
+
+def test_bfloat16_base_model_with_float32_adapter():
+    from tests.toy_models import MLP
+
+    torch.manual_seed(0)
+    model = tucker_lora_model(MLP().to(torch.bfloat16), target_modules=["lin0", "lin1"], init_weights=False)
+    x = torch.randn(4, 10, dtype=torch.bfloat16)
+    layer = tucker_layers(model)[0]
+    assert layer.tucker_core["default"].dtype == torch.float32
+    with torch.no_grad():
+        unmerged = model(x)
+        assert unmerged.dtype == torch.bfloat16
+        model.merge_adapter()
+        merged = model(x)
+    assert_close(merged, unmerged, dtype=torch.bfloat16)
+
+
+def tucker_lora_model(base, **config):
+    from peft import get_peft_model
+
+    return get_peft_model(base, tucker_lora.TuckerAdapterConfig(**config))
