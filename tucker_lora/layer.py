@@ -101,6 +101,10 @@ class TuckerLayer(BaseTunerLayer):
             self.tucker_bases[adapter_name].to(device)
             self.tucker_ranks[adapter_name] = self.tucker_ranks[adapter_name].to(device)
         self.set_adapter(self.active_adapters)
+        # imported here: rank_updater imports this module
+        from .rank_updater import watch_rank_updates
+
+        watch_rank_updates(self, adapter_name)
 
     # ---- ranks --------------------------------------------------------------------------------------------------
 

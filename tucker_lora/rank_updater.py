@@ -1,0 +1,324 @@
+"""`TuckerRankUpdater`: the rank-adaptive cycle of METHOD section 3 around an optimizer step, for any training loop.
+
+Schedule, in optimizer steps, per adapter (`A = max(augment_start_step, 1)`, `c = core_steps`): after the
+ordinary step number `A` (counting from 1) every adapted layer augments its bases from the basis gradients of
+that step; the next `c` steps update the augmented core with frozen bases (Galerkin); the last of them ends with a
+HOSVD truncation. Then the truncated adapter takes one ordinary step and the next cycle augments: a cycle is
+`c + 1` optimizer steps, and every batch updates the core, so the cost is one forward and one backward per batch.
+The schedule is a function of the step count alone, so a run resumed from any checkpoint continues exactly, and
+`finalize()` truncates an adapter that is mid-cycle, so that saved final ranks never include unvetted directions.
+
+The optimizer never steps a basis: `before_step()` moves the basis gradients aside and sets `.grad = None`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .config import TuckerAdapterConfig
+from .distributed import broadcast_tensors, check_no_parameter_sharding, is_distributed
+from .layer import TuckerLayer
+from .optimizer_state import state_after_augment, state_after_truncate, unwrap_optimizer
+from .rank_ops import augment, truncate
+
+logger = logging.getLogger(__name__)
+
+MODE_NAMES = ("out", "in", "kh", "kw")
+# optimizer steps a Tucker adapter may train without any rank update before `watch_rank_updates` warns
+MISSING_UPDATER_STEPS = 300
+_UPDATED_LAYERS: weakref.WeakSet = weakref.WeakSet()  # layers managed by a TuckerRankUpdater
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> adapter names (watch_rank_updates)
+_step_hook = None
+_unmanaged_steps = 0
+_warned_missing_updater = False
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel (and accelerate's prepared model) keep the model in `.module`
+    while isinstance(model, nn.parallel.DistributedDataParallel) or (
+        not hasattr(model, "peft_config") and isinstance(getattr(model, "module", None), nn.Module)
+    ):
+        model = model.module
+    return model
+
+
+class _Group:
+    """The layers of one adapter name and the schedule its config sets."""
+
+    def __init__(self, name: str, config: TuckerAdapterConfig, layers: list[tuple[str, TuckerLayer]]) -> None:
+        self.name, self.config, self.layers = name, config, layers
+        self.start = max(int(config.augment_start_step), 1)
+        self.core_steps = int(config.core_steps)
+        self.settled = {module: layer.active_ranks(name) for module, layer in layers}
+        # whether the latest cycle event of this updater was an augmentation; None: none yet (e.g. after a resume)
+        self.augmented: bool | None = None
+
+    def freeze_step(self, total_steps: int | None) -> int | None:
+        freeze = self.config.freeze_ranks_after
+        if freeze is None:
+            return None
+        if isinstance(freeze, float):
+            if total_steps is None or total_steps <= 0:
+                raise ValueError(
+                    f"`freeze_ranks_after={freeze}` is a fraction of the run; pass `total_steps` to TuckerRankUpdater "
+                    "(TuckerRankCallback takes it from the Trainer)."
+                )
+            return math.ceil(freeze * total_steps)
+        return int(freeze)
+
+    def action(self, n: int, total_steps: int | None) -> str | None:
+        """What ends optimizer step `n` (counted from 1): "augment", "truncate" or nothing."""
+        if n < self.start:
+            return None
+        offset = (n - self.start) % (self.core_steps + 1)
+        freeze = self.freeze_step(total_steps)
+        cycle_start = n - offset
+        if freeze is not None and cycle_start >= freeze:
+            return None
+        return "augment" if offset == 0 else "truncate" if offset == self.core_steps else None
+
+    def mid_cycle(self, n: int, total_steps: int | None) -> bool:
+        """Whether the adapter is augmented and not yet truncated after `n` completed steps."""
+        if n < self.start:
+            return False
+        offset = (n - self.start) % (self.core_steps + 1)
+        freeze = self.freeze_step(total_steps)
+        return offset != self.core_steps and not (freeze is not None and n - offset >= freeze)
+
+
+class TuckerRankUpdater:
+    """
+    Runs the rank-adaptive cycle (augment, `core_steps` Galerkin steps, truncate) of every Tucker adapter of a model.
+
+    The cycle settings (`tau`, `r_min`, `r_max`, `core_steps`, `augment_start_step`, `freeze_ranks_after`) are read
+    from `model.peft_config[adapter_name]`. Call `before_step()` between `backward()` (and gradient clipping) and
+    `optimizer.step()`, `after_step()` right after `optimizer.step()`, once per optimizer step (not per micro-batch),
+    and `finalize()` at the end of training. Under DDP (`torch.distributed` initialized with several processes),
+    every cycle ends with the adapter tensors, ranks and the cores' optimizer state of process 0 broadcast to all.
+
+    Args:
+        model (`nn.Module`): a `PeftModel`, or a model with Tucker adapters added (`add_adapter`), possibly wrapped in
+            `DistributedDataParallel`.
+        optimizer (`torch.optim.Optimizer`, *optional*): the optimizer that steps the cores (or a wrapper with
+            `.optimizer`); its state follows every cycle. `None` leaves optimizer state alone.
+        adapter_names (`str` or `list[str]`, *optional*): the adapters to update; defaults to every Tucker adapter
+            whose cores are trainable.
+        total_steps (`int`, *optional*): the number of optimizer steps of the run, needed when `freeze_ranks_after`
+            is a fraction.
+
+    Example:
+
+    ```python
+    updater = TuckerRankUpdater(model, optimizer)
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        updater.before_step()
+        optimizer.step()
+        updater.after_step()
+        optimizer.zero_grad()
+    updater.finalize()
+    ```
+
+    With Accelerate and gradient accumulation, call `before_step()`/`after_step()` only where
+    `accelerator.sync_gradients` is true (around the real `optimizer.step()`), once per optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Any = None,
+        adapter_names: str | list[str] | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        self.model = _unwrap_model(model)
+        check_no_parameter_sharding(self.model)
+        self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
+        self.total_steps = total_steps
+        self.step = 0
+        self._basis_grads: dict[int, list[torch.Tensor | None]] = {}
+        self.groups = self._find_groups(adapter_names)
+        for group in self.groups:
+            group.freeze_step(total_steps)  # a fraction without total_steps fails here, not mid-training
+            for _, layer in group.layers:
+                _UPDATED_LAYERS.add(layer)
+
+    def _find_groups(self, adapter_names: str | list[str] | None) -> list[_Group]:
+        configs = getattr(self.model, "peft_config", None)
+        if not isinstance(configs, dict) or not configs:
+            raise ValueError(
+                f"TuckerRankUpdater needs a model with Tucker adapters (`get_peft_model` or `add_adapter` with a "
+                f"TuckerAdapterConfig); {type(self.model).__name__} has no `peft_config`."
+            )
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        names = adapter_names or [n for n, c in configs.items() if isinstance(c, TuckerAdapterConfig)]
+        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, TuckerLayer)]
+        groups = []
+        for name in names:
+            config = configs.get(name)
+            if not isinstance(config, TuckerAdapterConfig):
+                raise ValueError(f"adapter {name!r} is not a Tucker adapter; Tucker adapters: {list(configs)}")
+            owned = [
+                (module.removeprefix("base_model.model."), layer)
+                for module, layer in layers
+                if name in layer.tucker_core and (adapter_names or layer.tucker_core[name].requires_grad)
+            ]
+            if owned:
+                groups.append(_Group(name, config, owned))
+        if not groups:
+            raise ValueError(f"no trainable Tucker adapter found in the model (adapters: {list(configs)})")
+        return groups
+
+    # ---- the hooks around optimizer.step() ----------------------------------------------------------------------
+
+    def before_step(self) -> None:
+        """Moves the basis gradients aside (kept for augmentation when this step ends with one) and sets `.grad = None`
+        on every basis, so that the optimizer neither updates nor decays the bases."""
+        n = self.step + 1
+        for group in self.groups:
+            keep = group.action(n, self.total_steps) == "augment"
+            for _, layer in group.layers:
+                bases = layer.tucker_bases[group.name]
+                if keep:
+                    self._basis_grads[id(layer)] = [b.grad for b in bases]
+                for basis in bases:
+                    basis.grad = None
+
+    def after_step(self) -> None:
+        """Ends optimizer step `self.step + 1`: augments or truncates as the schedule says, then syncs processes."""
+        n = self.step + 1
+        for group in self.groups:
+            action = group.action(n, self.total_steps)
+            if action == "augment":
+                self._augment(group)
+            elif action == "truncate":
+                self._truncate(group)
+        self._basis_grads.clear()
+        self.step = n
+
+    def finalize(self) -> None:
+        """Truncates every adapter that is mid-cycle, so that the final ranks hold only vetted directions."""
+        for group in self.groups:
+            mid_cycle = (
+                group.augmented if group.augmented is not None else group.mid_cycle(self.step, self.total_steps)
+            )
+            if mid_cycle:
+                self._truncate(group)
+
+    # ---- the cycle ----------------------------------------------------------------------------------------------
+
+    def _bounds(self, group: _Group, layer: TuckerLayer) -> tuple[list[int], list[int]]:
+        sizes = [basis.shape[0] for basis in layer.tucker_bases[group.name]]
+        config = group.config
+        r_min = [config.r_min if i < 2 else min(config.r_min, n) for i, n in enumerate(sizes)]
+        r_max = [config.r_max if i < 2 else n for i, n in enumerate(sizes)]
+        return r_min, r_max
+
+    @torch.no_grad()
+    def _augment(self, group: _Group) -> None:
+        for _, layer in group.layers:
+            core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
+            grads = self._basis_grads.get(id(layer), [None] * len(bases))
+            ranks = layer.active_ranks(group.name)
+            widths = augment(core.data, [b.data for b in bases], ranks, grads)
+            if self.optimizer is not None:
+                state_after_augment(self.optimizer, core, ranks)
+            layer.set_active_ranks(group.name, widths)
+        self._sync(group)
+        group.augmented = True
+
+    @torch.no_grad()
+    def _truncate(self, group: _Group) -> None:
+        for module, layer in group.layers:
+            core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
+            widths = layer.active_ranks(group.name)
+            r_min, r_max = self._bounds(group, layer)
+            ranks, rotations = truncate(core.data, [b.data for b in bases], widths, group.config.tau, r_min, r_max)
+            if self.optimizer is not None:
+                state_after_truncate(self.optimizer, core, widths, rotations)
+            layer.set_active_ranks(group.name, ranks)
+        self._sync(group)
+        group.augmented = False
+        for module, layer in group.layers:
+            group.settled[module] = layer.active_ranks(group.name)
+
+    def _sync(self, group: _Group) -> None:
+        if not is_distributed():
+            return
+        tensors = []
+        for _, layer in group.layers:
+            core = layer.tucker_core[group.name]
+            tensors += [core.data, *(b.data for b in layer.tucker_bases[group.name]), layer.tucker_ranks[group.name]]
+            if self.optimizer is not None:
+                state = self.optimizer.state.get(core, {})
+                tensors += [v for k, v in sorted(state.items()) if torch.is_tensor(v) and v.shape == core.shape]
+        broadcast_tensors(tensors)
+        for _, layer in group.layers:
+            layer.set_active_ranks(group.name, layer.tucker_ranks[group.name].tolist())
+
+    # ---- what to show -------------------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """Settled ranks (those after the latest truncation) per module and mode, and the active adapter parameters.
+
+        Keys: `tucker_rank/<module>/<mode>` (mode `out`, `in`, and `kh`, `kw` for fully adapted convs) and
+        `tucker_active_params` (core entries + basis columns at the settled ranks, summed over adapters).
+        """
+        metrics: dict[str, float] = {}
+        active = 0
+        for group in self.groups:
+            prefix = "" if len(self.groups) == 1 else f"{group.name}/"
+            for module, layer in group.layers:
+                ranks = group.settled[module]
+                for mode, rank in enumerate(ranks):
+                    metrics[f"tucker_rank/{prefix}{module}/{MODE_NAMES[mode]}"] = rank
+                core = layer.tucker_core[group.name]
+                sizes = [b.shape[0] for b in layer.tucker_bases[group.name]]
+                active += sum(n * r for n, r in zip(sizes, ranks)) + math.prod(ranks) * math.prod(
+                    core.shape[len(ranks) :]
+                )
+        metrics["tucker_active_params"] = active
+        return metrics
+
+
+def watch_rank_updates(layer: TuckerLayer, adapter_name: str) -> None:
+    """Warns once if Tucker cores take `MISSING_UPDATER_STEPS` optimizer steps while no `TuckerRankUpdater` manages
+    their layers: under `Trainer`, forgetting `TuckerRankCallback` silently trains fixed ranks and lets the optimizer
+    step the bases. Steps are counted by a global optimizer step hook: a step counts when an unmanaged watched core
+    has a gradient (so it was just stepped)."""
+    global _step_hook
+    _WATCHED.setdefault(layer, set()).add(adapter_name)
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_unmanaged_step)
+
+
+def _count_unmanaged_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _unmanaged_steps, _warned_missing_updater
+    if _warned_missing_updater:
+        return
+    stepped = any(
+        name in layer.tucker_core and layer.tucker_core[name].grad is not None
+        for layer, names in list(_WATCHED.items())
+        if layer not in _UPDATED_LAYERS
+        for name in names
+    )
+    if not stepped:
+        return
+    _unmanaged_steps += 1
+    if _unmanaged_steps >= MISSING_UPDATER_STEPS:
+        _warned_missing_updater = True
+        warnings.warn(
+            f"Tucker adapters have trained for {_unmanaged_steps} optimizer steps without any rank update: their "
+            "ranks never change and the optimizer steps their bases. Pass `callbacks=[TuckerRankCallback()]` to the "
+            "Trainer, or call TuckerRankUpdater's before_step()/after_step() around optimizer.step().",
+            stacklevel=3,
+        )
