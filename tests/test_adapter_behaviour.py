@@ -189,3 +189,21 @@ def tucker_lora_model(base, **config):
     from peft import get_peft_model
 
     return get_peft_model(base, tucker_lora.TuckerAdapterConfig(**config))
+
+
+def test_saving_does_not_change_the_callers_config(tmp_path):
+    from tests.toy_models import MLP
+
+    config = tucker_lora.TuckerAdapterConfig(r=3, target_modules=["lin0", "lin1"])
+    model = tucker_lora_model_from(MLP(), config)
+    set_ranks_by_hand(tucker_layers(model)[0], "default", [1, 1])
+    model.save_pretrained(tmp_path)
+    assert config.rank_pattern == {}
+    assert model.peft_config["default"].rank_pattern == {"lin0": [1, 1], "lin1": [3, 3]}
+    assert tucker_lora.get_ranks(tucker_lora_model_from(MLP(), config)) == {"lin0": [3, 3], "lin1": [3, 3]}
+
+
+def tucker_lora_model_from(base, config):
+    from peft import get_peft_model
+
+    return get_peft_model(base, config)

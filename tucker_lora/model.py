@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 
@@ -32,6 +33,12 @@ class TuckerModel(CompactSerialization, BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: TuckerAdapterConfig, adapter_name: str) -> None:
         check_targets(model, config)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        # the model keeps its own copy: saving writes the ranks in use into `rank_pattern`, which must not leak into
+        # the caller's config object (a second model built from it would start at those ranks)
+        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, **kwargs)
 
     def _create_and_replace(
         self,
