@@ -48,9 +48,11 @@ class TuckerAdapterConfig(PeftConfig):
             spatial modes full; `"all"` adapts the spatial modes too.
         init_weights (`bool`): `True` starts from a zero core (the output equals the base model's); `False` draws a
             random core, for tests.
-        core_steps (`int`): optimizer steps on the augmented core between augmentation and truncation.
+        core_steps (`int`): optimizer steps on the augmented core between augmentation and truncation. 10: the
+            best AdamW error in a sweep from 1 to 100 on a rank-recovery problem, with ten times fewer cycles than 1
+            (see `docs/training.md`).
         augment_start_step (`int`): optimizer steps before the first augmentation (the core must move away from
-            zero first: a zero core has zero basis gradients).
+            zero first: a zero core has zero basis gradients). The final error was insensitive from 1 to 30.
         freeze_ranks_after (`int | float`, *optional*): stop adapting ranks after this many optimizer steps (int)
             or this fraction of the run (float in (0, 1]); `None` adapts until the end.
 
