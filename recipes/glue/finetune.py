@@ -1,0 +1,521 @@
+"""Fine-tune a sequence classifier on a GLUE task with a Tucker adapter, LoRA or AdaLoRA.
+
+One script for the three methods: same data, head, schedule and evaluation; only the adapter differs.
+
+```bash
+# the hyperparameters of one task (DeBERTaV3-base settings), the exact command is in each config's "_command"
+python recipes/glue/finetune.py --config recipes/glue/configs/rte.json --method tucker \\
+    --data_dir ../shared/data/glue --output_dir outputs/glue/rte-tucker
+# any argument given on the command line overrides the config file
+python recipes/glue/finetune.py --config recipes/glue/configs/rte.json --method lora --max_steps 20 ...
+# several processes (CPU: add --use_cpu true)
+torchrun --nproc_per_node 2 recipes/glue/finetune.py --config recipes/glue/configs/rte.json ...
+```
+
+Writes to `--output_dir`: `metrics.json` (dev metrics, trainable parameters, final ranks, wall time, versions),
+`adapter/` (the PEFT adapter with the trained classifier head), `trainer_state.json` (the logs) and `ranks.png`
+(Tucker and AdaLoRA).
+"""
+
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import datasets
+import torch
+import transformers
+from callbacks import AdaLoraAllocatorCallback, CompactProgressCallback, adalora_ranks
+from metrics import compute_metrics, predictions_from_logits
+from peft import AdaLoraConfig, LoraConfig, PeftConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from tasks import TASKS, get_task, load_glue, take_subset
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EvalPrediction,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import ProgressCallback
+
+logger = logging.getLogger("glue_finetune")
+
+METHODS = ("tucker", "lora", "adalora")
+# Adapted linear layers and trained head per model type. DeBERTa's list is the authors' (METHOD.md section 8):
+# "output.dense" matches both the attention output and the feed-forward output projection.
+TARGET_MODULES = {
+    "bert": ["query", "key", "value", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "intermediate.dense", "output.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "intermediate.dense", "output.dense"],
+}
+HEAD_MODULES = {"bert": ["classifier"], "roberta": ["classifier"], "deberta-v2": ["classifier", "pooler"]}
+# Trainer settings this recipe changes from transformers' defaults (the config file and command line still win).
+PARAMETER_COUNTING = {
+    "tucker": "tucker_lora.count_parameters: active core block + active basis columns + head",
+    "lora": "every parameter with requires_grad: A, B and the head",
+    "adalora": "allocated budget: sum over layers of rank * (in + out + 1) plus the head; trainable_parameters is "
+    "the init_r allocation the optimizer holds",
+}
+TRAINER_DEFAULTS = ["--report_to", "none", "--save_strategy", "no", "--logging_steps", "10"]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="microsoft/deberta-v3-base", metadata={"help": "Pretrained model (hub id or local folder)."}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+
+
+@dataclass
+class DataArguments:
+    task: str = field(metadata={"help": f"GLUE task, one of {sorted(TASKS)}."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder in the GLUE download's layout (<data_dir>/SST-2/train.tsv, ...); default: the hub."},
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated (padding is dynamic)."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on the first N rows of a permutation of the train set (seeded)."}
+    )
+    train_subset_seed: int = field(
+        default=42, metadata={"help": "Seed of that permutation; fixed apart from --seed so seeds share a subset."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N dev rows."})
+    holdout_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "If > 0, hold out this fraction of the (subset) train set and evaluate there instead of on dev "
+            "(for choosing hyperparameters without looking at dev)."
+        },
+    )
+
+
+@dataclass
+class AdapterArguments:
+    method: str = field(default="tucker", metadata={"help": f"Adapter, one of {list(METHODS)}."})
+    rank: int = field(default=8, metadata={"help": "Tucker: initial rank r; LoRA: rank r; AdaLoRA: init_r."})
+    alpha: float = field(default=16.0, metadata={"help": "Scaling numerator (s = alpha / r)."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter's input."})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "Default: per model type."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Trained head; default: per model."})
+    tau: float = field(default=0.1, metadata={"help": "Tucker: relative truncation tolerance."})
+    r_max: int = field(default=16, metadata={"help": "Tucker: largest rank per mode."})
+    r_min: int = field(default=1, metadata={"help": "Tucker: smallest rank per mode."})
+    core_steps: int = field(default=10, metadata={"help": "Tucker: core-only optimizer steps per rank cycle (c)."})
+    augment_start_step: int = field(default=10, metadata={"help": "Tucker: first step that augments the bases."})
+    freeze_ranks_after: float | None = field(
+        default=None,
+        metadata={"help": "Tucker: stop rank updates after this many steps (>= 1) or this fraction (< 1)."},
+    )
+    adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA: target average rank."})
+    adalora_tinit: float = field(
+        default=0.1, metadata={"help": "AdaLoRA: warmup before allocation, fraction of steps."}
+    )
+    adalora_tfinal: float = field(
+        default=0.3, metadata={"help": "AdaLoRA: final fixed-rank phase, fraction of steps."}
+    )
+    adalora_delta_t: int = field(default=10, metadata={"help": "AdaLoRA: steps between two budget allocations."})
+    adalora_beta1: float = field(default=0.85, metadata={"help": "AdaLoRA: EMA of sensitivity."})
+    adalora_beta2: float = field(default=0.85, metadata={"help": "AdaLoRA: EMA of uncertainty."})
+    adalora_orth_reg_weight: float = field(default=0.1, metadata={"help": "AdaLoRA: orthogonality penalty."})
+    reference_lora_r: int = field(default=8, metadata={"help": "Rank of the LoRA parameter count reported alongside."})
+
+
+def config_to_argv(path: str, method: str) -> list[str]:
+    """Flatten a task config (`common` plus the `method` section; keys starting with `_` are notes) into arguments."""
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    sections = {key: value for key, value in config.items() if not key.startswith("_")}
+    unknown = set(sections) - {"common", *METHODS}
+    if unknown:
+        raise ValueError(f"`--config` sections must be among {['common', *METHODS]}; got {sorted(unknown)} in {path}")
+    argv = []
+    for key, value in {**sections.get("common", {}), **sections.get(method, {})}.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return argv
+
+
+def _split_equals(arg: str) -> list[str]:
+    """`--config=x` and `--method=x` as two words, so that the config file's section can be chosen before parsing."""
+    for name in ("--config=", "--method="):
+        if arg.startswith(name):
+            return [name[:-1], arg[len(name) :]]
+    return [arg]
+
+
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, AdapterArguments, TrainingArguments]:
+    """Parse the command line; `--config FILE` supplies defaults that the other arguments override."""
+    argv = [part for arg in (sys.argv[1:] if argv is None else argv) for part in _split_equals(arg)]
+    prefix = list(TRAINER_DEFAULTS)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("`--config` must be followed by a JSON file path")
+        path = argv[i + 1]
+        del argv[i : i + 2]
+        method = argv[argv.index("--method") + 1] if "--method" in argv[:-1] else "tucker"
+        prefix += config_to_argv(path, method)
+    parser = HfArgumentParser((ModelArguments, DataArguments, AdapterArguments, TrainingArguments))
+    return parser.parse_args_into_dataclasses(args=prefix + argv)
+
+
+def check_args(data_args: DataArguments, adapter_args: AdapterArguments, training_args: TrainingArguments) -> None:
+    get_task(data_args.task)
+    if adapter_args.method not in METHODS:
+        raise ValueError(f"`--method` must be one of {list(METHODS)}; got {adapter_args.method!r}")
+    if not 0.0 <= data_args.holdout_fraction < 1.0:
+        raise ValueError(f"`--holdout_fraction` must be in [0, 1); got {data_args.holdout_fraction}")
+    for name in ("adalora_tinit", "adalora_tfinal"):
+        value = getattr(adapter_args, name)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"`--{name}` must be a fraction of the training steps in [0, 1); got {value}")
+    if adapter_args.method == "adalora" and adapter_args.adalora_target_r >= adapter_args.rank:
+        raise ValueError(
+            "`--adalora_target_r` must be below `--rank` (AdaLoRA's init_r) so there is a budget to cut; got "
+            f"{adapter_args.adalora_target_r} >= {adapter_args.rank}"
+        )
+    if adapter_args.adalora_tinit + adapter_args.adalora_tfinal >= 1.0:
+        raise ValueError(
+            "`--adalora_tinit` + `--adalora_tfinal` must be below 1 to leave a budgeting phase; got "
+            f"{adapter_args.adalora_tinit} + {adapter_args.adalora_tfinal}"
+        )
+    if training_args.output_dir is None:
+        raise ValueError("`--output_dir` must be given; got None")
+
+
+def total_training_steps(num_examples: int, args: TrainingArguments) -> int:
+    """Optimizer steps the Trainer will take (needed up front by AdaLoRA's budget schedule)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(num_examples / (args.per_device_train_batch_size * args.world_size))
+    steps_per_epoch = max(batches // args.gradient_accumulation_steps, 1)
+    return math.ceil(args.num_train_epochs * steps_per_epoch)
+
+
+def build_adapter(
+    adapter_args: AdapterArguments, model_type: str, total_steps: int
+) -> tuple[PeftConfig, list[TrainerCallback]]:
+    """The PEFT config of `--method` and the callbacks that method needs under Trainer."""
+    targets = adapter_args.target_modules or TARGET_MODULES.get(model_type)
+    heads = adapter_args.modules_to_save or HEAD_MODULES.get(model_type)
+    if targets is None or heads is None:
+        raise ValueError(
+            f"`--target_modules` and `--modules_to_save` must be given for model type {model_type!r}; defaults exist "
+            f"for {sorted(TARGET_MODULES)}"
+        )
+    common = {"task_type": "SEQ_CLS", "target_modules": targets, "modules_to_save": heads}
+    if adapter_args.method == "tucker":
+        import tucker_lora  # registers the TUCKER PEFT type
+
+        freeze = adapter_args.freeze_ranks_after
+        if freeze is not None and freeze >= 1:
+            freeze = int(freeze)
+        config = tucker_lora.TuckerAdapterConfig(
+            **common,
+            r=adapter_args.rank,
+            r_max=adapter_args.r_max,
+            r_min=adapter_args.r_min,
+            tau=adapter_args.tau,
+            alpha=adapter_args.alpha,
+            dropout=adapter_args.dropout,
+            core_steps=adapter_args.core_steps,
+            augment_start_step=adapter_args.augment_start_step,
+            freeze_ranks_after=freeze,
+        )
+        return config, [tucker_lora.TuckerRankCallback()]
+    if adapter_args.method == "lora":
+        config = LoraConfig(
+            **common, r=adapter_args.rank, lora_alpha=adapter_args.alpha, lora_dropout=adapter_args.dropout
+        )
+        return config, []
+    tinit = int(adapter_args.adalora_tinit * total_steps)
+    tfinal = int(adapter_args.adalora_tfinal * total_steps)
+    if tinit >= total_steps - tfinal:
+        raise ValueError(
+            f"AdaLoRA needs a budgeting phase: `--max_steps`/epochs give {total_steps} steps, too few for "
+            f"tinit={tinit} and tfinal={tfinal}; train longer"
+        )
+    config = AdaLoraConfig(
+        **common,
+        init_r=adapter_args.rank,
+        target_r=adapter_args.adalora_target_r,
+        lora_alpha=adapter_args.alpha,
+        lora_dropout=adapter_args.dropout,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=adapter_args.adalora_delta_t,
+        beta1=adapter_args.adalora_beta1,
+        beta2=adapter_args.adalora_beta2,
+        orth_reg_weight=adapter_args.adalora_orth_reg_weight,
+        total_step=total_steps,
+    )
+    return config, [AdaLoraAllocatorCallback(log_every=adapter_args.adalora_delta_t)]
+
+
+def head_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameters of the trained head (PEFT's `modules_to_save` copies)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n)
+
+
+def lora_parameters(model: torch.nn.Module, r: int) -> int:
+    """What LoRA of rank `r` on the same adapted layers, plus the same head, would train: r * (in + out) each."""
+    total = head_parameters(model)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            total += r * (base.in_features + base.out_features)
+    return total
+
+
+def parameter_counts(model: torch.nn.Module, method: str) -> dict[str, int]:
+    """`trainable`: numel of every parameter that requires grad. `active`: what the adapter really uses.
+
+    Tucker: `tucker_lora.count_parameters` (active core block + active basis columns + head). LoRA: all trainable
+    parameters. AdaLoRA: the allocated budget, sum over layers of rank * (in + out + 1) for the kept singular
+    triplets (A row, B column, E entry) plus the head; the optimizer still holds init_r triplets per layer.
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if method == "tucker":
+        import tucker_lora
+
+        active = tucker_lora.count_parameters(model)
+    elif method == "adalora":
+        ranks = adalora_ranks(model)
+        layers = dict(model.base_model.model.named_modules())
+        active = head_parameters(model)
+        for name, rank in ranks.items():
+            base = layers[name].get_base_layer()
+            active += rank * (base.in_features + base.out_features + 1)
+    else:
+        active = trainable
+    return {"trainable": trainable, "active": active}
+
+
+def final_ranks(model: torch.nn.Module, method: str, r: int) -> dict[str, list[int] | int]:
+    if method == "tucker":
+        import tucker_lora
+
+        return {name: list(ranks) for name, ranks in tucker_lora.get_ranks(model).items()}
+    if method == "adalora":
+        return adalora_ranks(model)
+    return {
+        name.removeprefix("base_model.model."): r for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)
+    }
+
+
+def plot_adalora_budget(history: list[tuple[int, int]], path: str) -> str | None:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps, totals = zip(*history)
+    ax.plot(steps, totals)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("total allocated rank")
+    ax.set_title("AdaLoRA rank budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "datasets", "accelerate", "tucker-lora"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    try:
+        found["commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        found["commit"] = "unknown"
+    return found
+
+
+def adapter_fingerprint(model: torch.nn.Module) -> float:
+    """Sum of every trainable value in float64: equal across processes when they hold the same adapter."""
+    return float(sum(p.detach().double().sum().item() for p in model.parameters() if p.requires_grad))
+
+
+def gather_across_processes(value: object) -> list[object]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def main(argv: list[str] | None = None) -> dict:
+    start = time.perf_counter()
+    model_args, data_args, adapter_args, training_args = parse_args(argv)
+    check_args(data_args, adapter_args, training_args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not training_args.should_log:
+        logger.setLevel(logging.WARNING)
+    set_seed(training_args.seed)
+    task = get_task(data_args.task)
+
+    # Data: train (optionally a seeded subset, optionally minus a held-out part) and the dev split(s).
+    raw = load_glue(task, data_args.data_dir)
+    train = take_subset(raw["train"], data_args.max_train_samples, data_args.train_subset_seed)
+    if data_args.holdout_fraction > 0:
+        split = train.train_test_split(test_size=data_args.holdout_fraction, seed=data_args.train_subset_seed)
+        train, evals = split["train"], {"train_holdout": split["test"]}
+    else:
+        evals = {name: raw[name] for name in task.eval_splits}
+    if data_args.max_eval_samples is not None:
+        evals = {name: ds.select(range(min(data_args.max_eval_samples, len(ds)))) for name, ds in evals.items()}
+    logger.info("%s: %d train rows, dev %s", task.name, len(train), {k: len(v) for k, v in evals.items()})
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        texts = (batch["sentence1"], batch["sentence2"]) if task.is_pair else (batch["sentence1"],)
+        return tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
+
+    text_columns = ["sentence1", "sentence2"] if task.is_pair else ["sentence1"]
+    with training_args.main_process_first(desc="tokenization"):
+        train = train.map(tokenize, batched=True, remove_columns=text_columns, desc="Tokenizing train")
+        evals = {
+            name: ds.map(tokenize, batched=True, remove_columns=text_columns, desc=f"Tokenizing {name}")
+            for name, ds in evals.items()
+        }
+
+    # Model: the pretrained encoder, a new head (one output for STS-B: MSE loss), then the adapter.
+    labels = {} if task.is_regression else {
+        "id2label": dict(enumerate(task.label_names)), "label2id": {n: i for i, n in enumerate(task.label_names)}
+    }  # fmt: skip
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path,
+        num_labels=task.num_labels,
+        problem_type="regression" if task.is_regression else "single_label_classification",
+        **labels,
+    )
+    total_steps = total_training_steps(len(train), training_args)
+    peft_config, callbacks = build_adapter(adapter_args, model.config.model_type, total_steps)
+    model = get_peft_model(model, peft_config)
+
+    def metrics_fn(prediction: EvalPrediction) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return compute_metrics(task.name, predictions_from_logits(task.name, logits), prediction.label_ids)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=metrics_fn,
+        callbacks=callbacks,
+    )
+    if not training_args.disable_tqdm:  # the same bar, printed after the callbacks above have filled the logs
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(CompactProgressCallback)
+    train_start = time.perf_counter()
+    train_result = trainer.train()
+    train_time = time.perf_counter() - train_start
+    if adapter_args.method == "adalora" and trainer.state.global_step != total_steps:
+        logger.warning("AdaLoRA's total_step was %d but training took %d", total_steps, trainer.state.global_step)
+
+    results = {}
+    for name, ds in evals.items():
+        scores = trainer.evaluate(eval_dataset=ds, metric_key_prefix=name)
+        results[name] = {metric: scores[f"{name}_{metric}"] for metric in task.metrics}
+    main_split = next(iter(evals))
+
+    counts = parameter_counts(model, adapter_args.method)
+    reference = lora_parameters(model, adapter_args.reference_lora_r)
+    fingerprints = gather_across_processes(adapter_fingerprint(model))
+    ranks = final_ranks(model, adapter_args.method, adapter_args.rank)
+    ranks_per_process = gather_across_processes(ranks)
+    spread = max(fingerprints) - min(fingerprints)
+    agree = all(r == ranks for r in ranks_per_process) and spread <= 1e-6 * max(1.0, abs(fingerprints[0]))
+    if not agree:
+        raise RuntimeError(f"processes disagree on the trained adapter: fingerprints {fingerprints}")
+
+    report = {
+        "task": task.name,
+        "method": adapter_args.method,
+        "model_name_or_path": model_args.model_name_or_path,
+        "seed": training_args.seed,
+        "num_train_samples": len(train),
+        "num_eval_samples": {name: len(ds) for name, ds in evals.items()},
+        "eval_on": main_split,
+        "metrics": results,
+        "main_metric": {"name": task.main_metric, "split": main_split, "value": results[main_split][task.main_metric]},
+        "train_loss": train_result.training_loss,
+        "optimizer_steps": trainer.state.global_step,
+        "trainable_parameters": counts["trainable"],
+        "active_trainable_parameters": counts["active"],
+        f"lora_r{adapter_args.reference_lora_r}_parameters": reference,
+        "active_fraction_of_lora": counts["active"] / reference,
+        "parameter_counting": PARAMETER_COUNTING[adapter_args.method],
+        "final_ranks": ranks,
+        "train_time_s": train_time,
+        "wall_time_s": None,
+        "world_size": training_args.world_size,
+        "processes": {"fingerprints": fingerprints, "agree": agree},
+        "versions": versions(),
+        "args": {
+            "model": asdict(model_args), "data": asdict(data_args), "adapter": asdict(adapter_args),
+            "training": {k: v for k, v in training_args.to_dict().items() if not k.startswith("_")},
+        },
+    }  # fmt: skip
+
+    if trainer.is_world_process_zero():
+        out = training_args.output_dir
+        os.makedirs(out, exist_ok=True)
+        model.save_pretrained(os.path.join(out, "adapter"))
+        trainer.state.save_to_json(os.path.join(out, "trainer_state.json"))
+        plot = None
+        if adapter_args.method == "tucker":
+            import tucker_lora
+
+            plot = tucker_lora.plot_ranks(trainer.state.log_history, os.path.join(out, "ranks.png"))
+        elif adapter_args.method == "adalora":
+            plot = plot_adalora_budget(callbacks[0].history, os.path.join(out, "ranks.png"))
+        report["rank_plot"] = None if plot is None else str(plot)
+        report["wall_time_s"] = time.perf_counter() - start
+        with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=str)
+        main_value = report["main_metric"]["value"]
+        print(
+            f"\n{task.name} {main_split} {task.main_metric}: {main_value:.4f}   (all: {results})\n"
+            f"active trainable parameters: {counts['active']:,} ({adapter_args.method}) vs "
+            f"{reference:,} for LoRA r={adapter_args.reference_lora_r} on the same model "
+            f"({100 * counts['active'] / reference:.1f}%)\n"
+            f"rank plot: {report['rank_plot'] or 'none (fixed ranks)'}\n"
+            f"metrics: {os.path.join(out, 'metrics.json')}   wall time: {report['wall_time_s']:.0f} s"
+        )
+    return report
+
+
+if __name__ == "__main__":
+    transformers.utils.logging.set_verbosity_warning()
+    datasets.utils.logging.set_verbosity_warning()
+    main()

@@ -1,0 +1,86 @@
+"""GLUE metrics in numpy and scipy: accuracy, binary F1, Matthews correlation, Pearson and Spearman correlation.
+
+```python
+>>> import numpy as np
+>>> compute_metrics("mrpc", np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1]))
+{'accuracy': 0.75, 'f1': 0.8}
+```
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+from tasks import get_task
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of predictions equal to the labels."""
+    return float(np.mean(predictions == labels))
+
+
+def f1_binary(predictions: np.ndarray, labels: np.ndarray, positive: int = 1) -> float:
+    """F1 score of class `positive` (GLUE's F1 for MRPC and QQP); 0 when there is no true positive."""
+    true_positive = np.sum((predictions == positive) & (labels == positive))
+    if true_positive == 0:
+        return 0.0
+    precision = true_positive / np.sum(predictions == positive)
+    recall = true_positive / np.sum(labels == positive)
+    return float(2 * precision * recall / (precision + recall))
+
+
+def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Matthews correlation coefficient (multi-class form, equal to the binary phi coefficient for two classes).
+
+    0 when either the predictions or the labels hold a single class (the coefficient is undefined there).
+    """
+    classes = np.union1d(predictions, labels)
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.float64)
+    np.add.at(confusion, (np.searchsorted(classes, labels), np.searchsorted(classes, predictions)), 1)
+    n = confusion.sum()
+    correct = np.trace(confusion)
+    true_per_class = confusion.sum(axis=1)
+    predicted_per_class = confusion.sum(axis=0)
+    numerator = correct * n - true_per_class @ predicted_per_class
+    denominator = np.sqrt(
+        (n**2 - predicted_per_class @ predicted_per_class) * (n**2 - true_per_class @ true_per_class)
+    )
+    return 0.0 if denominator == 0 else float(numerator / denominator)
+
+
+def pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Pearson correlation of two score vectors."""
+    return float(stats.pearsonr(predictions, labels)[0])
+
+
+def spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Spearman rank correlation of two score vectors."""
+    return float(stats.spearmanr(predictions, labels)[0])
+
+
+METRICS = {
+    "accuracy": accuracy,
+    "f1": f1_binary,
+    "matthews_correlation": matthews_correlation,
+    "pearson": pearson,
+    "spearman": spearman,
+}
+
+
+def compute_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Compute `task`'s metrics from predictions (class indices, or scores for STS-B) and labels."""
+    spec = get_task(task)
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.shape != labels.shape:
+        raise ValueError(
+            f"predictions and labels must have the same shape; got {predictions.shape} and {labels.shape}"
+        )
+    return {name: METRICS[name](predictions, labels) for name in spec.metrics}
+
+
+def predictions_from_logits(task: str, logits: np.ndarray) -> np.ndarray:
+    """Class indices (argmax over the last axis), or the single output as a score for regression tasks."""
+    logits = np.asarray(logits)
+    if get_task(task).is_regression:
+        return logits.reshape(-1)
+    return np.argmax(logits, axis=-1)

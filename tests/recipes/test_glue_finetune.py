@@ -1,0 +1,209 @@
+"""The fine-tuning script end to end on a tiny BERT: tucker, lora and adalora, argument handling, saved adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from finetune import config_to_argv, lora_parameters, main, parse_args
+from glue_fixtures import REPO
+
+CONFIGS = REPO / "recipes" / "glue" / "configs"
+
+
+def tucker_available() -> bool:
+    try:
+        from tucker_lora import TuckerRankCallback  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_tucker = pytest.mark.skipif(not tucker_available(), reason="tucker_lora.TuckerRankCallback is not importable")
+
+
+def base_args(model_dir: Path, data_dir: Path, out: Path, task: str, method: str, steps: int) -> list[str]:
+    return [
+        "--task", task, "--method", method, "--model_name_or_path", str(model_dir), "--data_dir", str(data_dir),
+        "--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", "8",
+        "--learning_rate", "5e-3", "--use_cpu", "true", "--seed", "0", "--logging_steps", "2",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def reload_logits(out: Path, model_dir: Path, num_labels: int, batch: dict) -> torch.Tensor:
+    """Logits of the saved adapter put back on a fresh copy of the base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def tiny_batch(model_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer(
+        ["the film was good", "a bad movie ?"], ["he said it", "she ran"], return_tensors="pt", padding=True
+    )
+
+
+def test_config_flattens_common_then_method_section(tmp_path: Path):
+    path = tmp_path / "c.json"
+    config = {"_command": "ignored", "common": {"task": "rte", "use_cpu": True, "learning_rate": 1e-3},
+              "lora": {"rank": 4, "target_modules": ["query", "value"]}, "tucker": {"tau": 0.2}}  # fmt: skip
+    path.write_text(json.dumps(config))
+    assert config_to_argv(str(path), "lora") == [
+        "--task", "rte", "--use_cpu", "true", "--learning_rate", "0.001", "--rank", "4", "--target_modules", "query",
+        "value",
+    ]  # fmt: skip
+    config["extra"] = {}
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"`--config` sections must be among .*; got \['extra'\]"):
+        config_to_argv(str(path), "lora")
+
+
+def test_command_line_overrides_config(tmp_path: Path):
+    _, data, adapter, training = parse_args(
+        [
+            "--config",
+            str(CONFIGS / "rte.json"),
+            "--method",
+            "lora",
+            "--learning_rate",
+            "0.5",
+            "--output_dir",
+            str(tmp_path),
+        ]  # fmt: skip
+    )
+    assert (data.task, data.max_seq_length, adapter.rank, training.learning_rate) == ("rte", 320, 8, 0.5)
+    assert (training.num_train_epochs, training.report_to, training.save_strategy) == (80, [], "no")
+    _, _, adapter, _ = parse_args(["--config", str(CONFIGS / "rte.json"), "--output_dir", str(tmp_path)])
+    tucker = (adapter.method, adapter.rank, adapter.r_max, adapter.tau, adapter.core_steps)
+    assert tucker == ("tucker", 10, 32, 0.15, 10)
+
+
+@pytest.mark.parametrize("task", ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"])
+def test_every_task_config_parses(task: str, tmp_path: Path):
+    for method in ("tucker", "lora", "adalora"):
+        _, data, adapter, _ = parse_args(["--config", str(CONFIGS / f"{task}.json"), "--method", method,
+                                          "--output_dir", str(tmp_path)])  # fmt: skip
+        assert data.task == task and adapter.method == method
+    command = json.loads((CONFIGS / f"{task}.json").read_text())["_command"][0]
+    assert command.startswith(f"python recipes/glue/finetune.py --config recipes/glue/configs/{task}.json")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--task", "sst-2", r"`--task` must be one of \[.*\]; got 'sst-2'"),
+        ("--method", "dora", r"`--method` must be one of \['tucker', 'lora', 'adalora'\]; got 'dora'"),
+        ("--holdout_fraction", "1.5", r"`--holdout_fraction` must be in \[0, 1\); got 1.5"),
+    ],
+)
+def test_bad_arguments_fail_early(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flag, value, message):
+    args = base_args(tiny_bert_dir, glue_dir, tmp_path, "rte", "lora", 2) + [flag, value]
+    with pytest.raises(ValueError, match=message):
+        main(args)
+
+
+def test_adalora_target_must_be_below_init_rank(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    args = base_args(tiny_bert_dir, glue_dir, tmp_path, "rte", "adalora", 20)
+    args += ["--rank", "4", "--adalora_target_r", "8"]
+    with pytest.raises(ValueError, match=r"`--adalora_target_r` must be below `--rank`.*; got 8 >= 4"):
+        main(args)
+
+
+def test_lora_on_mrpc(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    out = tmp_path / "lora"
+    report = main(base_args(tiny_bert_dir, glue_dir, out, "mrpc", "lora", 6) + ["--rank", "8"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["optimizer_steps"] == 6 and saved["method"] == "lora"
+    assert set(saved["metrics"]["validation"]) == {"accuracy", "f1"}
+    assert 0.0 <= saved["main_metric"]["value"] <= 1.0
+    # true count == r * (in + out) per adapted layer + head: 12 layers of a 2-layer BERT with hidden 32, FFN 64
+    per_layer = 8 * (3 * (32 + 32) + (32 + 32) + (32 + 64) + (64 + 32))
+    head = 32 * 2 + 2
+    assert saved["trainable_parameters"] == saved["active_trainable_parameters"] == 2 * per_layer + head
+    assert saved["lora_r8_parameters"] == 2 * per_layer + head
+    assert set(saved["final_ranks"].values()) == {8} and len(saved["final_ranks"]) == 12
+    assert saved["versions"]["peft"] and saved["wall_time_s"] > 0 and saved["rank_plot"] is None
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert report["metrics"] == saved["metrics"]
+
+
+def test_adalora_on_stsb_allocates_ranks(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    out = tmp_path / "adalora"
+    args = base_args(tiny_bert_dir, glue_dir, out, "stsb", "adalora", 20)
+    main(args + ["--rank", "6", "--adalora_target_r", "2", "--adalora_delta_t", "2"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["metrics"]["validation"]) == {"pearson", "spearman"}
+    ranks = saved["final_ranks"]
+    # the allocator ran: the budget ends at target_r per layer on average, below init_r's 6 * 12
+    assert sum(ranks.values()) == 2 * len(ranks) and len(set(ranks.values())) > 1
+    assert saved["active_trainable_parameters"] < saved["trainable_parameters"]
+    assert Path(saved["rank_plot"]).is_file()
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert any("adalora_total_rank" in entry for entry in state["log_history"])
+
+
+def test_saved_adapter_restores_head_and_weights(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    out = tmp_path / "reload"
+    main(base_args(tiny_bert_dir, glue_dir, out, "rte", "lora", 4) + ["--rank", "4"])
+    batch = tiny_batch(tiny_bert_dir)
+    first = reload_logits(out, tiny_bert_dir, 2, batch)
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(123)  # a different random head on the fresh base: the saved one must replace it
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    with torch.no_grad():
+        untouched = base(**batch).logits
+    assert not torch.allclose(first, untouched)
+    assert torch.allclose(first, reload_logits(out, tiny_bert_dir, 2, batch))
+
+
+def test_holdout_evaluates_on_train_part(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    out = tmp_path / "holdout"
+    saved = main(base_args(tiny_bert_dir, glue_dir, out, "sst2", "lora", 2) + ["--holdout_fraction", "0.25"])
+    assert saved["num_train_samples"] == 24 and saved["num_eval_samples"] == {"train_holdout": 8}
+    assert saved["main_metric"]["split"] == "train_holdout"
+
+
+@needs_tucker
+def test_tucker_on_mnli(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    out = tmp_path / "tucker"
+    args = base_args(tiny_bert_dir, glue_dir, out, "mnli", "tucker", 12)
+    main(args + ["--rank", "4", "--r_max", "8", "--core_steps", "2", "--augment_start_step", "2", "--tau", "0.1"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["metrics"]) == {"validation_matched", "validation_mismatched"}
+    assert len(saved["final_ranks"]) == 12
+    assert all(1 <= r <= 8 for ranks in saved["final_ranks"].values() for r in ranks)
+    assert 0 < saved["active_trainable_parameters"] <= saved["trainable_parameters"]
+    assert Path(saved["rank_plot"]).is_file()
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    import tucker_lora  # registers the TUCKER type for loading
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=3)
+    reloaded = PeftModel.from_pretrained(base, out / "adapter")
+    assert {name: list(r) for name, r in tucker_lora.get_ranks(reloaded).items()} == saved["final_ranks"]
+    logits = reload_logits(out, tiny_bert_dir, 3, tiny_batch(tiny_bert_dir))
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_reference_lora_count_matches_a_real_lora(tiny_bert_dir: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    config = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value", "output.dense"],
+                        modules_to_save=["classifier"])  # fmt: skip
+    model = get_peft_model(base, config)
+    true_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_parameters(model, 4) == true_count
