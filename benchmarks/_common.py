@@ -7,6 +7,7 @@ interleaved (A, B, C, A, B, C, ...) so that machine noise hits all of them alike
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -178,3 +179,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`--device {name}` was asked for, but torch.cuda.is_available() is False.")
     return device
+
+
+def write_report(report: dict, text: str, output: Path | None) -> None:
+    """Print the table; with `output`, write the JSON report there and the same table beside it as `.md`."""
+    print(text)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        output.with_suffix(".md").write_text(text + "\n")
+        print(f"\nwrote {output} and {output.with_suffix('.md')}")
+

@@ -14,7 +14,6 @@ median of the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -187,12 +186,7 @@ def main() -> None:
     report = run(args)
     report["settings"]["command"] = " ".join(sys.argv)
     text = table(report)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        args.output.with_suffix(".md").write_text(text + "\n")
-        print(f"\nwrote {args.output} and {args.output.with_suffix('.md')}")
+    common.write_report(report, text, args.output)
 
 
 if __name__ == "__main__":

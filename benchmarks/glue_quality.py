@@ -14,7 +14,7 @@ Two stages:
 
 ```bash
 python benchmarks/glue_quality.py --preset quick --stage select --jobs 2   # Tucker's tau, core_steps
-python benchmarks/glue_quality.py --preset quick --jobs 2         # about an hour on 2 idle CPU cores
+python benchmarks/glue_quality.py --preset quick --jobs 2         # measured runs project ~80 min on 2 cores
 python benchmarks/glue_quality.py --preset full
 ```
 

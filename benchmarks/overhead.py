@@ -509,12 +509,7 @@ def main() -> None:
     report["memory"] = None if args.no_memory else measure_memory(args, names)
     report["environment"]["cpu_load_avg_after"] = list(__import__("os").getloadavg())
     text = tables(report)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
-        args.output.with_suffix(".md").write_text(text + "\n")
-        print(f"\nwrote {args.output} and {args.output.with_suffix('.md')}")
+    common.write_report(report, text, args.output)
 
 
 if __name__ == "__main__":
