@@ -190,3 +190,12 @@ def write_report(report: dict, text: str, output: Path | None) -> None:
         output.with_suffix(".md").write_text(text + "\n")
         print(f"\nwrote {output} and {output.with_suffix('.md')}")
 
+
+def add_model_arguments(parser, warmup: int) -> None:
+    """The arguments every benchmark takes: device and the model/batch shape."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=warmup)
+

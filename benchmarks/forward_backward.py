@@ -166,11 +166,7 @@ def table(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=1)
+    common.add_model_arguments(parser, warmup=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--wide", action="store_true", help="also time Tucker at augmented width 16 and LoRA r=16")
     parser.add_argument(

@@ -426,11 +426,7 @@ def verdicts(report: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=2)
+    common.add_model_arguments(parser, warmup=2)
     parser.add_argument("--steps", type=int, default=22, help="measured steps (use whole rank-update cycles)")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps run by each memory subprocess")
     parser.add_argument("--no-memory", action="store_true")
