@@ -72,7 +72,7 @@ class CompactSerialization:
         }
         compact = {}
         for key, value in selected.items():
-            owner, ranks = _owner_ranks(key, adapter_name, ranks_by_module)
+            ranks = _ranks_of_owner(key, adapter_name, ranks_by_module)
             if ranks is None:
                 compact[key] = value
             elif ".tucker_core." in key:
@@ -96,7 +96,7 @@ class CompactSerialization:
         }
         padded = {}
         for key, value in remapped.items():
-            owner, ranks = _owner_ranks(key, adapter_name, ranks_by_module)
+            ranks = _ranks_of_owner(key, adapter_name, ranks_by_module)
             if ranks is None or key.endswith(ranks_suffix) or key not in model_state:
                 padded[key] = value
                 continue
@@ -118,13 +118,13 @@ class CompactSerialization:
         return padded
 
 
-def _owner_ranks(key: str, adapter_name: str, ranks_by_module: dict[str, list[int]]):
+def _ranks_of_owner(key: str, adapter_name: str, ranks_by_module: dict[str, list[int]]) -> list[int] | None:
+    """The saved ranks of the layer that owns a core or basis `key`; None for any other key."""
     for attribute in ("tucker_core", "tucker_bases"):
         marker = f".{attribute}.{adapter_name}"
         if marker in key:
-            owner = key.split(marker)[0]
-            return owner, ranks_by_module.get(owner)
-    return None, None
+            return ranks_by_module.get(key.split(marker)[0])
+    return None
 
 
 def _check_ranks_against_config(config, ranks_by_module: dict[str, list[int]]) -> None:

@@ -42,7 +42,6 @@ class TuckerLayer(BaseTunerLayer):
         self._ranks_cache: dict[str, list[int]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.kwargs = kwargs
         self.register_load_state_dict_post_hook(TuckerLayer._refresh_ranks_cache)
 
     # ---- shape of the adapter ---------------------------------------------------------------------------------
@@ -132,10 +131,13 @@ class TuckerLayer(BaseTunerLayer):
     def active_bases(self, adapter_name: str) -> list[torch.Tensor]:
         return [basis[:, :r] for basis, r in zip(self.tucker_bases[adapter_name], self._ranks_cache[adapter_name])]
 
-    def active_parameter_count(self, adapter_name: str) -> int:
-        """Active core entries plus active basis columns."""
-        core = self.active_core(adapter_name)
-        return core.numel() + sum(b.numel() for b in self.active_bases(adapter_name))
+    def active_parameter_count(self, adapter_name: str, ranks: list[int] | None = None) -> int:
+        """Core entries plus basis columns at `ranks` (default: the active ranks)."""
+        ranks = self._ranks_cache[adapter_name] if ranks is None else ranks
+        core = self.tucker_core[adapter_name]
+        sizes = [basis.shape[0] for basis in self.tucker_bases[adapter_name]]
+        unfactored = math.prod(core.shape[len(ranks) :])
+        return math.prod(ranks) * unfactored + sum(n * r for n, r in zip(sizes, ranks))
 
     # ---- scaling (diffusers' set_adapters / cross_attention_kwargs scale) ---------------------------------------
 
@@ -253,19 +255,21 @@ class Conv2d(nn.Module, TuckerLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, **kwargs)
 
-    def spatial_kernel(self, adapter_name: str) -> torch.Tensor:
-        """The core as a `(r_out, r_in, kh, kw)` kernel (spatial bases applied when they are adaptive)."""
+    def spatial_kernel(self, adapter_name: str, bases: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The core as a `(r_out, r_in, kh, kw)` kernel (spatial bases applied when they are adaptive); `bases` are
+        the active bases when the caller has already sliced them."""
         core = self.active_core(adapter_name)
-        bases = self.active_bases(adapter_name)
+        bases = self.active_bases(adapter_name) if bases is None else bases
         if len(bases) == 4:
             core = torch.einsum("abhw,kh,lw->abkl", core, bases[2], bases[3])
         return core
 
     def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
-        u_out, u_in = self.active_bases(adapter_name)[:2]
+        bases = self.active_bases(adapter_name)
+        u_out, u_in = bases[:2]
         h = F.conv2d(x, u_in.T[:, :, None, None])
-        kernel = self.spatial_kernel(adapter_name)
+        kernel = self.spatial_kernel(adapter_name, bases)
         if base.padding_mode != "zeros":
             h = F.pad(h, base._reversed_padding_repeated_twice, mode=base.padding_mode)
             h = F.conv2d(h, kernel, stride=base.stride, padding=0, dilation=base.dilation)

@@ -281,11 +281,7 @@ class TuckerRankUpdater:
                 ranks = group.settled[module]
                 for mode, rank in enumerate(ranks):
                     metrics[f"tucker_rank/{prefix}{module}/{MODE_NAMES[mode]}"] = rank
-                core = layer.tucker_core[group.name]
-                sizes = [b.shape[0] for b in layer.tucker_bases[group.name]]
-                active += sum(n * r for n, r in zip(sizes, ranks)) + math.prod(ranks) * math.prod(
-                    core.shape[len(ranks) :]
-                )
+                active += layer.active_parameter_count(group.name, ranks)
         metrics["tucker_active_params"] = active
         return metrics
 
