@@ -6,15 +6,16 @@ median over seeds, active trainable parameters, wall time per run.
 
 Two stages:
 
-* `--stage select` chooses Tucker's `tau` and `core_steps` without looking at dev: every candidate of the preset's
-  `select.grid` trains on the training subset minus a held-out part (`--holdout_fraction`) and is scored there; the
-  best mean held-out score over the tasks wins. Written to `<results>/glue_quality_<preset>_select.json`.
-* `--stage eval` (default) runs the grid of tasks x methods x seeds on dev. Tucker uses the values chosen by the
-  select stage when its file exists, else the preset's own `tucker` values (the record says which).
+* `--stage select` chooses settings without looking at dev: every candidate of each method's grid in the preset's
+  `select.grid` (Tucker's `tau`, each method's learning rate) trains on the training subset minus a held-out part
+  (`--holdout_fraction`) and is scored there; the best mean held-out score over the tasks wins, for Tucker within the
+  parameter budget. Written to `<results>/glue_quality_<preset>_select.json`.
+* `--stage eval` (default) runs the grid of tasks x methods x seeds on dev, each method with the values chosen by the
+  select stage when its file exists, else the preset's own values (the record says which).
 
 ```bash
-python benchmarks/glue_quality.py --preset quick --stage select --jobs 2   # Tucker's tau, core_steps
-python benchmarks/glue_quality.py --preset quick --jobs 2         # measured runs project ~80 min on 2 cores
+python benchmarks/glue_quality.py --preset quick --stage select --jobs 2   # tau and learning rates, held-out rows
+python benchmarks/glue_quality.py --preset quick --jobs 2
 python benchmarks/glue_quality.py --preset full
 ```
 
@@ -37,6 +38,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from glue_quality_plot import plot_quality  # noqa: E402  (a sibling file, not a package)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "glue" / "finetune.py"
@@ -123,7 +127,8 @@ def run_all(jobs: list[tuple[dict, Path, Path]], desc: str, timeout_s: float, pa
         return [f.result() for f in futures]
 
 
-def run_options(preset: dict, task: str, method: str, seed: int, tucker: dict) -> dict:
+def run_options(preset: dict, task: str, method: str, seed: int, chosen: dict | None = None) -> dict:
+    """The recipe's options for one run: the preset's common, task and method values, then `chosen[method]`."""
     options = {
         "task": task,
         "method": method,
@@ -134,9 +139,17 @@ def run_options(preset: dict, task: str, method: str, seed: int, tucker: dict) -
         **preset["tasks"][task],
         **preset.get(method, {}),
     }
-    if method == "tucker":
-        options.update(tucker)
+    options.update((chosen or {}).get(method, {}))
     return options
+
+
+def unique(candidates) -> list[dict]:
+    """The distinct dicts of `candidates`, in first-seen order."""
+    seen = []
+    for candidate in candidates:
+        if candidate not in seen:
+            seen.append(candidate)
+    return seen
 
 
 def summarize(values: list[float]) -> dict:
@@ -165,50 +178,63 @@ def environment() -> dict:
 
 
 def select_stage(preset: dict, out_root: Path, timeout_s: float, parallel: int) -> dict:
-    """Score each Tucker candidate on held-out training rows (the preset's first seed) and pick one.
+    """Score each candidate of every method's grid on held-out training rows (the preset's first seed); pick one each.
 
-    The pick is the best mean held-out score among the candidates whose active parameters stay within
-    `select.max_param_fraction` of LoRA r=8's (among all candidates if none does).
+    `select.grid` maps a method to its candidate values (`{"tucker": {"tau": [...], "learning_rate": [...]}, "lora":
+    {"learning_rate": [...]}}`); a method without a grid keeps the preset's values. The pick is the best mean held-out
+    score over `select.tasks`; for Tucker only among the candidates whose active parameters stay within
+    `select.max_param_fraction` of LoRA r=8's (among all of them if none does).
     """
     select = preset.get("select")
     if not select:
         raise ValueError(f"preset {preset['_path']} has no 'select' entry (grid and holdout_fraction)")
-    names = sorted(select["grid"])
-    candidates = [dict(zip(names, values)) for values in itertools.product(*(select["grid"][n] for n in names))]
+    unknown = set(select["grid"]) - set(METHODS)
+    if unknown:
+        raise ValueError(f"`select.grid` keys must be methods among {list(METHODS)}; got {sorted(unknown)}")
     tasks = select.get("tasks", list(preset["tasks"]))
     seed = preset["seeds"][0]
-    pairs = [(candidate, task) for candidate in candidates for task in tasks]
+    entries = []  # (method, candidate, task)
+    for method in (m for m in preset["methods"] if m in select["grid"]):
+        grid = select["grid"][method]
+        names = sorted(grid)
+        for values in itertools.product(*(grid[n] for n in names)):
+            entries += [(method, dict(zip(names, values)), task) for task in tasks]
     jobs = []
-    for candidate, task in pairs:
+    for method, candidate, task in entries:
         tag = "-".join(f"{k}{v}" for k, v in candidate.items())
-        options = run_options(preset, task, "tucker", seed, {**preset.get("tucker", {}), **candidate})
+        options = run_options(preset, task, method, seed, {method: candidate})
         options["holdout_fraction"] = select["holdout_fraction"]
-        jobs.append((options, out_root / "select" / task / tag, out_root / "logs" / f"select-{task}-{tag}.log"))
+        jobs.append((options, out_root / "select" / task / method / tag,
+                     out_root / "logs" / f"select-{task}-{method}-{tag}.log"))  # fmt: skip
     scores = [
         {
-            "candidate": candidate, "task": task, "holdout": metrics["main_metric"]["value"],
+            "method": method, "candidate": candidate, "task": task, "holdout": metrics["main_metric"]["value"],
             "active_fraction_of_lora_r8": metrics["active_trainable_parameters"] / metrics["lora_r8_parameters"],
         }
-        for (candidate, task), metrics in zip(pairs, run_all(jobs, "select (held-out train)", timeout_s, parallel))
+        for (method, candidate, task), metrics in zip(entries, run_all(jobs, "select (held-out train)", timeout_s,
+                                                                      parallel))
     ]  # fmt: skip
-    by_candidate = []
-    for candidate in candidates:
-        mine = [s for s in scores if s["candidate"] == candidate]
-        by_candidate.append({
-            "candidate": candidate,
-            "mean_holdout": statistics.fmean(s["holdout"] for s in mine),
-            "active_fraction_of_lora_r8": statistics.fmean(s["active_fraction_of_lora_r8"] for s in mine),
-        })  # fmt: skip
-    # within the parameter budget if any candidate is; the best held-out score among those
-    limit = select.get("max_param_fraction", 1.0)
-    eligible = [c for c in by_candidate if c["active_fraction_of_lora_r8"] <= limit] or by_candidate
-    best = max(eligible, key=lambda c: c["mean_holdout"])
-    return {"holdout_fraction": select["holdout_fraction"], "seed": seed, "runs": scores,
-            "by_candidate": by_candidate, "chosen": best["candidate"]}  # fmt: skip
+    by_candidate, chosen = [], {}
+    for method in dict.fromkeys(m for m, _, _ in entries):
+        mine = []
+        for candidate in unique(c for m, c, _ in entries if m == method):
+            runs = [s for s in scores if s["method"] == method and s["candidate"] == candidate]
+            mine.append({
+                "method": method, "candidate": candidate,
+                "mean_holdout": statistics.fmean(s["holdout"] for s in runs),
+                "active_fraction_of_lora_r8": statistics.fmean(s["active_fraction_of_lora_r8"] for s in runs),
+            })  # fmt: skip
+        # Tucker within the parameter budget if any candidate is; the best held-out score among those
+        limit = select.get("max_param_fraction", 1.0) if method == "tucker" else float("inf")
+        eligible = [c for c in mine if c["active_fraction_of_lora_r8"] <= limit] or mine
+        chosen[method] = max(eligible, key=lambda c: c["mean_holdout"])["candidate"]
+        by_candidate += mine
+    return {"holdout_fraction": select["holdout_fraction"], "seed": seed, "tasks": tasks, "runs": scores,
+            "by_candidate": by_candidate, "chosen": chosen}  # fmt: skip
 
 
 def eval_stage(
-    preset: dict, out_root: Path, timeout_s: float, tucker: dict, parallel: int, collect_only: bool = False
+    preset: dict, out_root: Path, timeout_s: float, chosen: dict, parallel: int, collect_only: bool = False
 ) -> list[dict]:
     """Run (or, with `collect_only`, only gather the finished runs of) the tasks x methods x seeds grid."""
     grid = list(itertools.product(preset["tasks"], preset["methods"], preset["seeds"]))
@@ -216,7 +242,7 @@ def eval_stage(
     if collect_only:
         grid = [job for job in grid if (run_dir[job] / "metrics.json").is_file()]
     jobs = [
-        (run_options(preset, task, method, seed, tucker), run_dir[(task, method, seed)],
+        (run_options(preset, task, method, seed, chosen), run_dir[(task, method, seed)],
          out_root / "logs" / f"{task}-{method}-seed{seed}.log")
         for task, method, seed in grid
     ]  # fmt: skip
@@ -274,7 +300,8 @@ def markdown(record: dict) -> str:
         "",
         f"Model `{record['model']}`, seeds {record['seeds']}, commit `{record['environment']['commit']}`, "
         f"{record['environment']['date']}. "
-        f"Tucker settings: {record['tucker_settings']} ({record['tucker_settings_source']}).",
+        f"Common settings: {record['common']}. Per-method settings ({record['method_settings_source']}): "
+        f"{record['method_settings']}.",
         "",
         "| task | metric | method | dev score mean +- std (median) | active trainable params (% of LoRA r=8) "
         "| wall time per run (s) |",
@@ -287,11 +314,22 @@ def markdown(record: dict) -> str:
             f"({100 * s['median']:.2f}) | {p['mean']:,.0f} ({100 * p['mean'] / cell['lora_r8_parameters']:.0f}%) "
             f"| {w['mean']:.0f} +- {w['std']:.0f} |"
         )
+    if record.get("figure"):
+        lines += ["", f"![score against parameters]({record['figure']})"]
     lines += ["", "| method | mean score over tasks | active params / LoRA r=8 |", "|---|---|---|"]
     for method, o in record["summary"]["overall"].items():
         lines.append(f"| {method} | {100 * o['mean_score']:.2f} | {100 * o['active_fraction_of_lora_r8']:.0f}% |")
     if record["summary"]["goal"] is not None:
         lines += ["", f"Goal check: {record['summary']['goal']}"]
+    selection = record.get("selection")
+    if selection:
+        lines += ["", f"Selection on {100 * selection['holdout_fraction']:.0f}% of the training subset held out "
+                  f"(tasks {selection['tasks']}, seed {selection['seed']}; dev not used):", "",
+                  "| method | candidate | mean held-out score | active params / LoRA r=8 |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for c in selection["by_candidate"]:
+            lines.append(f"| {c['method']} | {c['candidate']} | {100 * c['mean_holdout']:.2f} "
+                         f"| {100 * c['active_fraction_of_lora_r8']:.0f}% |")  # fmt: skip
     if record.get("partial"):
         lines += ["", "Partial results: only the runs that had finished are in this table (`--collect_only`)."]
     lines += ["", f"Preset notes: {record['notes']}", ""]
@@ -334,22 +372,26 @@ def main(argv: list[str] | None = None) -> dict:
         record = {"preset": name, "environment": environment(), **selected}
         record["wall_time_s"] = time.perf_counter() - start
         select_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
-        print(f"chosen Tucker settings {record['chosen']} -> {select_path}")
+        print(f"chosen settings {record['chosen']} -> {select_path}")
         return record
 
-    tucker = dict(preset.get("tucker", {}))
+    chosen, selection = {}, None
     source = "the preset's own values, not from --stage select; see the preset notes"
     if select_path.is_file():
-        tucker.update(json.loads(select_path.read_text(encoding="utf-8"))["chosen"])
+        selection = json.loads(select_path.read_text(encoding="utf-8"))
+        chosen = selection["chosen"]
         source = f"chosen on held-out training rows by --stage select ({select_path.name})"
-    runs = eval_stage(preset, out_root, args.timeout_s, tucker, args.jobs, args.collect_only)
+    runs = eval_stage(preset, out_root, args.timeout_s, chosen, args.jobs, args.collect_only)
+    settings = {m: {**preset.get(m, {}), **chosen.get(m, {})} for m in preset["methods"]}
     record = {
         "preset": name,
         "model": preset.get("model", "minilm"),
         "seeds": preset["seeds"],
         "notes": preset.get("_notes", ""),
-        "tucker_settings": tucker,
-        "tucker_settings_source": source,
+        "common": preset["common"],
+        "method_settings": settings,
+        "method_settings_source": source,
+        "selection": selection and {k: selection[k] for k in ("holdout_fraction", "seed", "tasks", "by_candidate")},
         "environment": environment(),
         "jobs": args.jobs,
         "partial": args.collect_only,
@@ -358,6 +400,10 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": aggregate(runs, preset),
         "runs": runs,
     }
+    if record["summary"]["cells"]:
+        figure = results / f"glue_quality_{name}.png"
+        title = f"GLUE quality, preset {name}, {preset.get('model', 'minilm')}"
+        record["figure"] = str(plot_quality(record["summary"], figure, title).relative_to(results))
     (results / f"glue_quality_{name}.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     (results / f"glue_quality_{name}.md").write_text(markdown(record), encoding="utf-8")
     print(markdown(record))

@@ -107,13 +107,39 @@ def make_glue_dir(root: Path) -> Path:
     return root
 
 
+def _word_tokenizer():
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]
+    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+
+
+def make_tiny_deberta(root: Path) -> Path:
+    """Save a randomly initialized 2-layer DeBERTa-v2 with DeBERTaV3's attention settings (relative positions,
+    disentangled p2c/c2p, no absolute positions) and the word-level tokenizer: the recipe's default model type."""
+    import torch
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    tokenizer = _word_tokenizer()
+    torch.manual_seed(0)
+    config = DebertaV2Config(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=128, relative_attention=True, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False, position_buckets=16, norm_rel_ebd="layer_norm", share_att_key=True,
+        type_vocab_size=0, pad_token_id=0,
+    )  # fmt: skip
+    DebertaV2Model(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
 def make_tiny_bert(root: Path) -> Path:
     """Save a randomly initialized 2-layer BERT (hidden 32) and a word-level tokenizer like a hub checkpoint."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import BertConfig, BertModel
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]
-    tokenizer = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    tokenizer = _word_tokenizer()
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

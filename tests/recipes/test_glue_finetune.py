@@ -207,3 +207,34 @@ def test_reference_lora_count_matches_a_real_lora(tiny_bert_dir: Path):
     model = get_peft_model(base, config)
     true_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert lora_parameters(model, 4) == true_count
+
+
+@needs_tucker
+@pytest.mark.parametrize("method", ["tucker", "lora"])
+def test_default_model_type_deberta_v2(method: str, tiny_deberta_dir: Path, glue_dir: Path, tmp_path: Path):
+    """The recipe's default model type (DeBERTaV3 is a deberta-v2): the authors' six matrices per layer are adapted,
+    the pooler and classifier are trained, and the saved adapter reloads to the same logits."""
+    out = tmp_path / method
+    args = base_args(tiny_deberta_dir, glue_dir, out, "rte", method, 6)
+    saved = main(args + ["--rank", "4", "--r_max", "8", "--core_steps", "2", "--augment_start_step", "2"])
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_deberta_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    prefix = "base_model.model.deberta.encoder.layer.0."
+    layer0 = {
+        name.removeprefix(prefix)
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer) and name.startswith(prefix)
+    }
+    assert layer0 == {"attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
+                      "attention.output.dense", "intermediate.dense", "output.dense"}  # fmt: skip
+    trained = {n for n, _ in model.named_parameters() if ".modules_to_save." in n}
+    assert any(n.startswith("base_model.model.pooler.") for n in trained)
+    assert any(n.startswith("base_model.model.classifier.") for n in trained)
+    if method == "tucker":
+        assert len(saved["final_ranks"]) == 12  # 2 layers x 6 matrices
+    logits = reload_logits(out, tiny_deberta_dir, 2, tiny_batch(tiny_deberta_dir))
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()

@@ -30,7 +30,7 @@ def test_presets_load_and_cover_the_four_local_tasks():
         glue_quality.load_preset("fast")
 
 
-def test_aggregate_means_stds_and_goal():
+def test_aggregate_means_stds_and_goal(tmp_path: Path):
     preset = {"tasks": {"rte": {}, "sst2": {}}, "methods": ["tucker", "lora", "adalora"]}
     runs = []
     for seed, (t, lo, ada) in enumerate([(0.6, 0.5, 0.55), (0.7, 0.6, 0.55), (0.8, 0.7, 0.55)]):
@@ -47,11 +47,17 @@ def test_aggregate_means_stds_and_goal():
         "tucker_mean_score_at_least_lora_and_adalora": True,
         "tucker_parameters_at_most_70_percent_of_lora_r8": True,
     }
-    record = {"preset": "t", "model": "m", "seeds": [0, 1, 2], "notes": "", "tucker_settings": {"tau": 0.1},
-              "tucker_settings_source": "s", "environment": {"commit": "c", "date": "d"},
-              "summary": summary}  # fmt: skip
+    record = {"preset": "t", "model": "m", "seeds": [0, 1, 2], "notes": "", "common": {"seed": 0},
+              "method_settings": {"tucker": {"tau": 0.1}}, "method_settings_source": "s",
+              "environment": {"commit": "c", "date": "d"}, "summary": summary,
+              "selection": {"holdout_fraction": 0.2, "seed": 0, "tasks": ["sst2"], "by_candidate": [
+                  {"method": "tucker", "candidate": {"tau": 0.25}, "mean_holdout": 0.8512,
+                   "active_fraction_of_lora_r8": 0.583}]}}  # fmt: skip
     table = glue_quality.markdown(record)
     assert "| rte | accuracy | tucker | 70.00 +- 10.00 (70.00) | 600 (60%) | 11 +- 1 |" in table
+    assert "| tucker | {'tau': 0.25} | 85.12 | 58% |" in table
+    figure = glue_quality.plot_quality(summary, tmp_path / "quality.png", "t")
+    assert figure.stat().st_size > 0  # one panel per task, written without a display
 
 
 @pytest.mark.slow  # two recipe processes: about 20 s on an idle 2-core machine, much more under load
@@ -70,21 +76,29 @@ def test_one_tiny_run_end_to_end(tiny_bert_dir: Path, glue_dir: Path, tmp_path: 
     saved = json.loads((results / "glue_quality_preset.json").read_text())
     assert saved["summary"]["cells"]["rte/lora"]["score"]["n"] == 2
     assert (results / "glue_quality_preset.md").read_text().startswith("# GLUE quality, preset `preset`")
+    assert saved["figure"] == "glue_quality_preset.png" and (results / "glue_quality_preset.png").stat().st_size > 0
 
 
-def test_select_prefers_the_best_candidate_within_the_parameter_budget(monkeypatch: pytest.MonkeyPatch):
-    select = {"holdout_fraction": 0.2, "max_param_fraction": 0.7, "grid": {"tau": [0.1, 0.2, 0.3]}}
-    preset = {"_path": "p", "seeds": [7], "tasks": {"sst2": {}, "mrpc": {}}, "common": {}, "model": "m",
-              "tucker": {"rank": 8}, "select": select}  # fmt: skip
-    # held-out score and parameter share per tau: 0.1 scores best but is over budget; 0.2 is the best within it
-    outcome = {0.1: (0.90, 900), 0.2: (0.85, 600), 0.3: (0.80, 300)}
+def test_select_picks_per_method_tucker_within_the_parameter_budget(monkeypatch: pytest.MonkeyPatch):
+    grid = {"tucker": {"tau": [0.1, 0.2, 0.3]}, "lora": {"learning_rate": [0.001, 0.003]}}
+    select = {"holdout_fraction": 0.2, "max_param_fraction": 0.7, "tasks": ["sst2", "mrpc"], "grid": grid}
+    preset = {"_path": "p", "seeds": [7], "tasks": {"sst2": {}, "mrpc": {}, "rte": {}}, "common": {"dropout": 0.1},
+              "model": "m", "methods": ["tucker", "lora", "adalora"], "tucker": {"rank": 8, "learning_rate": 0.001},
+              "lora": {"rank": 8}, "select": select}  # fmt: skip
+    # Tucker: 0.1 scores best but is over budget, 0.2 is the best within it; LoRA: no budget, the best score wins
+    outcome = {("tucker", 0.1): (0.90, 900), ("tucker", 0.2): (0.85, 600), ("tucker", 0.3): (0.80, 300),
+               ("lora", 0.001): (0.84, 1000), ("lora", 0.003): (0.86, 1000)}  # fmt: skip
     seen = []
 
     def fake_run_all(jobs, desc, timeout_s, parallel):
         results = []
         for options, out, log in jobs:
-            seen.append((options["task"], options["tau"], options["holdout_fraction"], options["seed"]))
-            score, active = outcome[options["tau"]]
+            key = options["tau"] if options["method"] == "tucker" else options["learning_rate"]
+            seen.append((options["method"], options["task"], key, options["holdout_fraction"], options["seed"]))
+            assert options["dropout"] == 0.1 and options["rank"] == 8  # the preset's values under the candidate's
+            if options["method"] == "tucker":
+                assert options["learning_rate"] == 0.001
+            score, active = outcome[(options["method"], key)]
             results.append({"main_metric": {"value": score}, "active_trainable_parameters": active,
                             "lora_r8_parameters": 1000})  # fmt: skip
         return results
@@ -92,6 +106,18 @@ def test_select_prefers_the_best_candidate_within_the_parameter_budget(monkeypat
     monkeypatch.setattr(glue_quality, "run_all", fake_run_all)
     monkeypatch.setattr(glue_quality, "resolve_model", lambda model: model)
     record = glue_quality.select_stage(preset, Path("unused"), 10.0, 1)
-    assert record["chosen"] == {"tau": 0.2}
-    assert sorted(seen) == sorted((t, tau, 0.2, 7) for t in ("sst2", "mrpc") for tau in (0.1, 0.2, 0.3))
-    assert [c["mean_holdout"] for c in record["by_candidate"]] == pytest.approx([0.90, 0.85, 0.80])
+    assert record["chosen"] == {"tucker": {"tau": 0.2}, "lora": {"learning_rate": 0.003}}  # adalora: no grid
+    expected = [("tucker", t, tau, 0.2, 7) for tau in (0.1, 0.2, 0.3) for t in ("sst2", "mrpc")]
+    expected += [("lora", t, lr, 0.2, 7) for lr in (0.001, 0.003) for t in ("sst2", "mrpc")]
+    assert sorted(seen) == sorted(expected)  # rte is not a selection task
+    assert [c["mean_holdout"] for c in record["by_candidate"]] == pytest.approx([0.90, 0.85, 0.80, 0.84, 0.86])
+    # the eval stage applies the pick on top of the preset's values
+    options = glue_quality.run_options(preset, "rte", "lora", 0, record["chosen"])
+    assert options["learning_rate"] == 0.003 and options["rank"] == 8 and options["task"] == "rte"
+
+
+def test_select_rejects_a_grid_for_an_unknown_method():
+    preset = {"_path": "p", "seeds": [0], "tasks": {"sst2": {}}, "methods": ["lora"],
+              "select": {"holdout_fraction": 0.2, "grid": {"loha": {"learning_rate": [0.001]}}}}  # fmt: skip
+    with pytest.raises(ValueError, match=r"`select.grid` keys must be methods among .*; got \['loha'\]"):
+        glue_quality.select_stage(preset, Path("unused"), 10.0, 1)
