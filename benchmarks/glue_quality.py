@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"chosen settings {record['chosen']} -> {select_path}")
         return record
 
+    env = environment()  # before the runs: the load average is the one they started under
     chosen, selection = {}, None
     source = "the preset's own values, not from --stage select; see the preset notes"
     if select_path.is_file():
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         "method_settings": settings,
         "method_settings_source": source,
         "selection": selection and {k: selection[k] for k in ("holdout_fraction", "seed", "tasks", "by_candidate")},
-        "environment": environment(),
+        "environment": env,
         "jobs": args.jobs,
         "partial": args.collect_only,
         "threads_per_run": max(1, len(os.sched_getaffinity(0)) // args.jobs),
