@@ -199,3 +199,12 @@ def add_model_arguments(parser, warmup: int) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=warmup)
 
+
+def model_settings(args) -> dict:
+    """The report entries that describe what `add_model_arguments` configured."""
+    return {
+        "model": f"DeBERTaV3-base architecture, random weights, {args.layers} layers",
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "warmup": args.warmup,
+    }

@@ -110,10 +110,7 @@ def run(args: argparse.Namespace) -> dict:
         "proposal_equality_checks_float64": checks,
         "environment": common.environment(device),
         "settings": {
-            "model": f"DeBERTaV3-base architecture, random weights, {args.layers} layers",
-            "batch_size": args.batch_size,
-            "seq_len": args.seq_len,
-            "warmup": args.warmup,
+            **common.model_settings(args),
             "repeats": args.repeats,
             "timed": "model(**batch).loss.backward() (grads cleared before, untimed); train mode (dropout on)",
             "target": f"tucker_r8 median <= {TARGET_RATIO} x lora_r8 median",

@@ -143,15 +143,6 @@ def run_options(preset: dict, task: str, method: str, seed: int, chosen: dict | 
     return options
 
 
-def unique(candidates) -> list[dict]:
-    """The distinct dicts of `candidates`, in first-seen order."""
-    seen = []
-    for candidate in candidates:
-        if candidate not in seen:
-            seen.append(candidate)
-    return seen
-
-
 def summarize(values: list[float]) -> dict:
     return {
         "mean": statistics.fmean(values),
@@ -193,12 +184,12 @@ def select_stage(preset: dict, out_root: Path, timeout_s: float, parallel: int) 
         raise ValueError(f"`select.grid` keys must be methods among {list(METHODS)}; got {sorted(unknown)}")
     tasks = select.get("tasks", list(preset["tasks"]))
     seed = preset["seeds"][0]
-    entries = []  # (method, candidate, task)
+    candidates = {}  # method -> its grid's candidates
     for method in (m for m in preset["methods"] if m in select["grid"]):
         grid = select["grid"][method]
         names = sorted(grid)
-        for values in itertools.product(*(grid[n] for n in names)):
-            entries += [(method, dict(zip(names, values)), task) for task in tasks]
+        candidates[method] = [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+    entries = [(method, c, task) for method in candidates for c in candidates[method] for task in tasks]
     jobs = []
     for method, candidate, task in entries:
         tag = "-".join(f"{k}{v}" for k, v in candidate.items())
@@ -215,9 +206,9 @@ def select_stage(preset: dict, out_root: Path, timeout_s: float, parallel: int) 
                                                                       parallel))
     ]  # fmt: skip
     by_candidate, chosen = [], {}
-    for method in dict.fromkeys(m for m, _, _ in entries):
+    for method in candidates:
         mine = []
-        for candidate in unique(c for m, c, _ in entries if m == method):
+        for candidate in candidates[method]:
             runs = [s for s in scores if s["method"] == method and s["candidate"] == candidate]
             mine.append({
                 "method": method, "candidate": candidate,

@@ -476,10 +476,7 @@ def main() -> None:
         "benchmark": "overhead",
         "environment": common.environment(device),
         "settings": {
-            "model": f"DeBERTaV3-base architecture, random weights, {args.layers} layers",
-            "batch_size": args.batch_size,
-            "seq_len": args.seq_len,
-            "warmup": args.warmup,
+            **common.model_settings(args),
             "steps": args.steps,
             "memory_steps": args.memory_steps,
             "optimizer": f"AdamW lr {LR} wd {WEIGHT_DECAY}",

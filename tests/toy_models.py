@@ -32,11 +32,13 @@ class ConvNet(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-def tiny_deberta(num_labels: int = 2):
-    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+def tiny_deberta_config(vocab_size: int = 100, num_labels: int = 2):
+    """A 2-layer DeBERTa-v2 config (hidden 32) with DeBERTaV3's attention settings: relative positions, disentangled
+    p2c/c2p attention, no absolute positions."""
+    from transformers import DebertaV2Config
 
-    config = DebertaV2Config(
-        vocab_size=100,
+    return DebertaV2Config(
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -53,7 +55,12 @@ def tiny_deberta(num_labels: int = 2):
         pooler_hidden_size=32,
         num_labels=num_labels,
     )
-    return DebertaV2ForSequenceClassification(config).eval()
+
+
+def tiny_deberta(num_labels: int = 2):
+    from transformers import DebertaV2ForSequenceClassification
+
+    return DebertaV2ForSequenceClassification(tiny_deberta_config(num_labels=num_labels)).eval()
 
 
 def tiny_unet():

@@ -115,20 +115,16 @@ def _word_tokenizer():
 
 
 def make_tiny_deberta(root: Path) -> Path:
-    """Save a randomly initialized 2-layer DeBERTa-v2 with DeBERTaV3's attention settings (relative positions,
-    disentangled p2c/c2p, no absolute positions) and the word-level tokenizer: the recipe's default model type."""
+    """Save the tests' tiny DeBERTa-v2 (DeBERTaV3's attention settings, `tests/toy_models.py`) with the word-level
+    tokenizer: the recipe's default model type."""
     import torch
-    from transformers import DebertaV2Config, DebertaV2Model
+    from transformers import DebertaV2Model
+
+    from tests.toy_models import tiny_deberta_config
 
     tokenizer = _word_tokenizer()
     torch.manual_seed(0)
-    config = DebertaV2Config(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=128, relative_attention=True, pos_att_type=["p2c", "c2p"],
-        position_biased_input=False, position_buckets=16, norm_rel_ebd="layer_norm", share_att_key=True,
-        type_vocab_size=0, pad_token_id=0,
-    )  # fmt: skip
-    DebertaV2Model(config).save_pretrained(root)
+    DebertaV2Model(tiny_deberta_config(vocab_size=len(tokenizer))).save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root
 
