@@ -192,3 +192,47 @@ def test_unwrap_accelerate_optimizer():
     assert isinstance(wrapped, torch.optim.Optimizer)
     assert unwrap_optimizer(wrapped) is inner
     assert unwrap_optimizer(Wrapper(wrapped)) is inner
+
+
+def trained_basis(name: str, n: int = 9, cap: int = 6, rank: int = 3, steps: int = 4, seed: int = 0):
+    """A basis at capacity stepped `steps` times on gradients in its active columns (as with `train_bases`)."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.nn.Parameter(torch.zeros(n, cap))
+    with torch.no_grad():
+        basis[:, :rank] = torch.linalg.qr(torch.randn(n, rank, generator=gen, dtype=torch.float64))[0].float()
+    optimizer = OPTIMIZERS[name](basis)
+    for _ in range(steps):
+        basis.grad = torch.zeros_like(basis)
+        basis.grad[:, :rank] = torch.randn(n, rank, generator=gen)
+        optimizer.step()
+    return basis, optimizer
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_basis_state_new_columns_start_at_zero(name):
+    basis, optimizer = trained_basis(name)
+    state = optimizer.state[basis]
+    for key in FIRST[name] + SECOND[name]:
+        state[key] += 1.0  # stale values in every column
+    before = {key: state[key].clone() for key in FIRST[name] + SECOND[name]}
+    optimizer_state.basis_state_after_augment(Wrapper(optimizer), basis, 3)
+    for key in FIRST[name] + SECOND[name]:
+        assert state[key][:, 3:].abs().max() == 0
+        assert torch.equal(state[key][:, :3], before[key][:, :3])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_basis_state_follows_the_truncation_rotation(name):
+    basis, optimizer = trained_basis(name, rank=5)
+    state = optimizer.state[basis]
+    gen = torch.Generator().manual_seed(3)
+    rotation = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=torch.float64))[0][:, :2]  # P[:, :r], r = 2
+    before = {key: state[key][:, :5].double().clone() for key in FIRST[name] + SECOND[name]}
+    optimizer_state.basis_state_after_truncate(optimizer, basis, 5, rotation)
+    for key in FIRST[name]:
+        torch.testing.assert_close(state[key][:, :2].double(), before[key] @ rotation, **tol(torch.float32))
+        assert state[key][:, 2:].abs().max() == 0
+    for key in SECOND[name]:
+        expected = before[key] @ (rotation * rotation)
+        torch.testing.assert_close(state[key][:, :2].double(), expected, **tol(torch.float32))
+        assert state[key].min() >= 0 and state[key][:, 2:].abs().max() == 0

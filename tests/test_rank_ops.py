@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.tolerances import ORTHONORMALITY_TOL, tol
-from tucker_lora.rank_ops import augment, truncate
+from tucker_lora.rank_ops import augment, retract, truncate
 
 # (mode sizes, capacities, ranks, unfactored trailing modes): a Linear, a channel-Tucker conv, a full-Tucker conv
 LAYOUTS = {
@@ -330,3 +330,21 @@ def test_orthonormality_over_many_cycles(layout, cycles):
         assert outside_is_zero(core, bases, ranks)
     assert worst < ORTHONORMALITY_TOL
     assert len(seen) >= 3  # ranks moved: the test exercised growth and truncation
+
+
+# ---- retraction (train_bases): orthonormal again, dW unchanged ----------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_retract_restores_orthonormal_bases_and_keeps_dw(layout, dtype):
+    core, bases, ranks = make_adapter(layout, dtype, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    for basis, r in zip(bases, ranks):  # what some optimizer steps do to free factors: drift off orthonormality
+        basis[:, :r] += 0.2 * torch.randn(basis[:, :r].shape, generator=gen, dtype=torch.float64).to(dtype)
+    assert max(ortho_error(b, r) for b, r in zip(bases, ranks)) > 1e-2
+    before = active_dense(core, bases, ranks)
+    retract(core, bases, ranks)
+    torch.testing.assert_close(active_dense(core, bases, ranks), before, **tol(dtype))
+    assert all(ortho_error(b, r) < ORTHONORMALITY_TOL for b, r in zip(bases, ranks))
+    assert outside_is_zero(core, bases, ranks)

@@ -4,7 +4,8 @@ What is measured: a layer whose frozen weight is zero learns `y = dW_true x` (Li
 3 x 3 kernels and channel ranks k) from random inputs, with the scaling s = 1. The adapter starts at rank 2 (it must
 grow) or 10 (it must shrink); tau = 0.02, r_max = 12, core_steps = 10, augmentation from step 10. Plain SGD (lr 0.5)
 and AdamW whose lr decays linearly to zero (METHOD section 3: under a constant Adam lr, truncation keeps the noise the
-Galerkin steps put on new entries). Over 1500 steps this setup ends at rank 5 with relative errors ~1e-7 (SGD) and
+Galerkin steps put on new entries). AdamW also with `train_bases=True` (the bases stepped as free factors and
+re-orthonormalized at every cycle event: errors ~1.0-1.4e-3 at 250 steps). Over 1500 steps this setup ends at rank 5 with relative errors ~1e-7 (SGD) and
 ~2e-4 (AdamW, lr 1e-2); the 250 steps (AdamW lr 3e-2) used here to stay fast end at rank 5 with errors <= 1.5e-3.
 """
 
@@ -46,13 +47,21 @@ class Single(nn.Module):
         return self.layer(x)
 
 
-def fit(kind: str, optimizer: str, r_init: int, steps: int = 250, core_steps: int = 10, seed: int = 0):
+def fit(
+    kind: str,
+    optimizer: str,
+    r_init: int,
+    steps: int = 250,
+    core_steps: int = 10,
+    seed: int = 0,
+    train_bases: bool = False,
+):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     target = target_update(kind, gen)
     config = TuckerAdapterConfig(
         r=r_init, alpha=r_init, r_max=12, tau=0.02, target_modules=["layer"], core_steps=core_steps,
-        augment_start_step=10,
+        augment_start_step=10, train_bases=train_bases,
     )  # fmt: skip
     model = get_peft_model(Single(kind), config)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -84,10 +93,15 @@ def fit(kind: str, optimizer: str, r_init: int, steps: int = 250, core_steps: in
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-@pytest.mark.parametrize("optimizer,max_error", [("sgd", 1e-4), ("adamw", 1e-2)])
+@pytest.mark.parametrize(
+    "optimizer,train_bases,max_error",
+    # SGD at lr 0.5 diverges once the bases are free factors (their gradients scale with the core): Galerkin only
+    [("sgd", False, 1e-4), ("adamw", False, 1e-2), ("adamw", True, 1e-2)],
+    ids=["sgd-galerkin", "adamw-galerkin", "adamw-train_bases"],
+)
 @pytest.mark.parametrize("r_init", [2, 10], ids=["grow", "shrink"])
-def test_rank_recovery(kind, optimizer, max_error, r_init):
-    ranks, error = fit(kind, optimizer, r_init)
+def test_rank_recovery(kind, optimizer, train_bases, max_error, r_init):
+    ranks, error = fit(kind, optimizer, r_init, train_bases=train_bases)
     assert ranks == [TARGET_RANK, TARGET_RANK]
     assert error < max_error
 

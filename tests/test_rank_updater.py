@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from tests.tolerances import ORTHONORMALITY_TOL
+from tests.tolerances import ORTHONORMALITY_TOL, assert_close
 from tucker_lora import TuckerAdapterConfig, TuckerLayer
 from tucker_lora import rank_updater as rank_updater_module
 from tucker_lora.rank_updater import TuckerRankUpdater, watch_rank_updates
@@ -97,8 +97,8 @@ def test_schedule_augments_then_truncates_every_core_steps_plus_one():
     ]
 
 
-def test_optimizer_never_steps_the_bases():
-    model, opt = make(optimizer="sgd", augment_start_step=1, core_steps=1)
+def test_optimizer_never_steps_the_bases_without_train_bases():
+    model, opt = make(optimizer="sgd", augment_start_step=1, core_steps=1, train_bases=False)
     updater = TuckerRankUpdater(model, opt)
     train(model, opt, updater, 2)  # step 1 augments, step 2 truncates
     bases = [b.detach().clone() for layer in layers(model) for b in layer.tucker_bases["default"]]
@@ -113,6 +113,44 @@ def test_optimizer_never_steps_the_bases():
     after = [b.detach() for layer in layers(model) for b in layer.tucker_bases["default"]]
     assert all(torch.equal(a, b) for a, b in zip(after, bases))
     assert all(not opt.state.get(b) for layer in layers(model) for b in layer.tucker_bases["default"])
+
+
+def test_train_bases_steps_active_columns_and_cycle_events_restore_orthonormality():
+    """train_bases=True: the optimizer moves the active basis columns between cycle events (inactive ones stay zero),
+    and every augmentation and truncation starts from orthonormal bases again, `dW` unchanged by that retraction."""
+    model, opt = make(augment_start_step=2, core_steps=3, train_bases=True)
+    updater = TuckerRankUpdater(model, opt)
+    train(model, opt, updater, 5)  # augmented after 2, truncated after 5
+    lin = layers(model)[0]
+    before = [b.detach().clone() for b in lin.tucker_bases["default"]]
+    train(model, opt, updater, 1, start=5)  # step 6: an ordinary step before the next augmentation's retraction
+    assert updater.groups[0].augmented is True
+    ranks = lin.active_ranks("default")
+    for basis, rank in zip(lin.tucker_bases["default"], ranks):
+        u = basis[:, :rank].double()
+        assert (u.T @ u - torch.eye(rank, dtype=torch.float64)).abs().max() < ORTHONORMALITY_TOL
+        assert (basis[:, rank:] == 0).all()
+    x, image, target = batch(77)
+    ((model(x, image) - target) ** 2).mean().backward()
+    updater.before_step()  # step 7: an ordinary (Galerkin) step, the bases keep their gradients
+    assert all(b.grad is not None for b in lin.tucker_bases["default"])
+    opt.step()
+    updater.after_step()
+    opt.zero_grad()
+    moved = [b.detach() for b in lin.tucker_bases["default"]]
+    assert any(not torch.equal(a[:, :r], b[:, :r]) for a, b, r in zip(moved, before, ranks))
+    assert all((b[:, r:] == 0).all() for b, r in zip(moved, ranks))
+    drift = max(
+        (b[:, :r].double().T @ b[:, :r].double() - torch.eye(r, dtype=torch.float64)).abs().max()
+        for b, r in zip(moved, ranks)
+    )
+    assert drift > ORTHONORMALITY_TOL  # stepped as free factors: no longer orthonormal until the next event
+    delta = lin.delta_weight("default").clone()
+    updater._retract(updater.groups[0])
+    assert_close(lin.delta_weight("default"), delta)
+    for basis, rank in zip(lin.tucker_bases["default"], ranks):
+        u = basis[:, :rank].double()
+        assert (u.T @ u - torch.eye(rank, dtype=torch.float64)).abs().max() < ORTHONORMALITY_TOL
 
 
 def test_orthonormality_and_finite_training_over_many_cycles():
@@ -157,12 +195,15 @@ def test_finalize_truncates_an_adapter_that_is_mid_cycle():
         u = basis[:, :rank].double()
         assert (u.T @ u - torch.eye(rank, dtype=torch.float64)).abs().max() < ORTHONORMALITY_TOL
         assert (basis[:, rank:] == 0).all()
-    # after a truncation (not mid-cycle) finalize changes nothing
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # after a truncation (not mid-cycle) finalize keeps the ranks and dW; with train_bases it re-orthonormalizes
+    delta = [layer.delta_weight("default").clone() for layer in layers(model)]
+    ranks_before = [layer.active_ranks("default") for layer in layers(model)]
     updater.finalize()
     updater.step = 9
     updater.finalize()
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert [layer.active_ranks("default") for layer in layers(model)] == ranks_before
+    for layer, expected in zip(layers(model), delta):
+        assert_close(layer.delta_weight("default"), expected)
 
 
 def test_freeze_ranks_after_stops_cycles():

@@ -55,6 +55,9 @@ class TuckerAdapterConfig(PeftConfig):
             zero first: a zero core has zero basis gradients). The final error was insensitive from 1 to 30.
         freeze_ranks_after (`int | float`, *optional*): stop adapting ranks after this many optimizer steps (int)
             or this fraction of the run (float in (0, 1]); `None` adapts until the end.
+        train_bases (`bool`): `True` lets the optimizer step the active basis columns on every step, as LoRA's A and
+            B, and makes them orthonormal again (QR, the triangular factor absorbed into the core) before every
+            augmentation and truncation; `False` changes the bases only by augmentation and truncation.
 
     Example:
         ```py
@@ -83,6 +86,10 @@ class TuckerAdapterConfig(PeftConfig):
     augment_start_step: int = field(default=10, metadata={"help": "Optimizer steps before the first augmentation."})
     freeze_ranks_after: int | float | None = field(
         default=None, metadata={"help": "Freeze ranks after this step (int) or fraction of the run (float)."}
+    )
+
+    train_bases: bool = field(
+        default=True, metadata={"help": "The optimizer steps the bases too; re-orthonormalized at cycle events."}
     )
 
     def __post_init__(self) -> None:
@@ -114,6 +121,8 @@ class TuckerAdapterConfig(PeftConfig):
             raise ValueError(f"`conv_modes` must be one of {list(CONV_MODES)}; got {self.conv_modes!r}.")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"`init_weights` must be True or False; got {self.init_weights!r}.")
+        if not isinstance(self.train_bases, bool):
+            raise ValueError(f"`train_bases` must be True or False; got {self.train_bases!r}.")
         _check_int("core_steps", self.core_steps, 1)
         _check_int("augment_start_step", self.augment_start_step, 0)
         freeze = self.freeze_ranks_after

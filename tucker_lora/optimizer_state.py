@@ -171,3 +171,41 @@ def state_after_truncate(
         rotate_first_moment(tensor, widths, rotations)
     for tensor in _state_tensors(optimizer, core, keys[1]):
         rotate_second_moment(tensor, widths, rotations)
+
+
+def basis_state_after_augment(optimizer: Any, basis: torch.Tensor, rank: int) -> None:
+    """With `train_bases`, makes the state of `basis` start its new columns at zero: zeros columns `[rank:]`.
+
+    Args:
+        optimizer (`torch.optim.Optimizer` or a wrapper with `.optimizer`): the optimizer that steps `basis`.
+        basis (`torch.nn.Parameter`): one basis at capacity, `(n, cap)`.
+        rank (`int`): the active rank before augmentation.
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    keys = _state_keys(optimizer, basis)
+    if keys is None:
+        _reset(optimizer, basis)
+        return
+    for tensor in _state_tensors(optimizer, basis, keys[0] + keys[1]):
+        zero_outside(tensor.T, [rank])
+
+
+def basis_state_after_truncate(optimizer: Any, basis: torch.Tensor, width: int, rotation: torch.Tensor) -> None:
+    """With `train_bases`, makes the state of `basis` follow `U <- U P`: `m <- m P`, `v <- v (P * P)`.
+
+    Args:
+        optimizer (`torch.optim.Optimizer` or a wrapper with `.optimizer`): the optimizer that steps `basis`.
+        basis (`torch.nn.Parameter`): one basis at capacity, `(n, cap)`.
+        width (`int`): the active width before truncation.
+        rotation (`torch.Tensor`): `P[:, :r]`, `(width, r)`, as returned by `rank_ops.truncate` for this mode.
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    keys = _state_keys(optimizer, basis)
+    if keys is None:
+        _reset(optimizer, basis)
+        return
+    # the columns of a basis are its mode 1: transform the transposed view, whose mode 0 they are
+    for tensor in _state_tensors(optimizer, basis, keys[0]):
+        rotate_first_moment(tensor.T, [width], [rotation])
+    for tensor in _state_tensors(optimizer, basis, keys[1]):
+        rotate_second_moment(tensor.T, [width], [rotation])

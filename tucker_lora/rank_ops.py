@@ -95,6 +95,40 @@ def _orthonormalize(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
+def retract(core: torch.Tensor, bases: Sequence[torch.Tensor], widths: Sequence[int]) -> None:
+    """Makes every active basis orthonormal again without changing `dW` (in place).
+
+    When the optimizer steps the bases (`train_bases=True`), they drift from orthonormality between cycle events. For
+    each adaptive mode, `U_i = Q_i R_i` (QR of the active columns, positive diagonal) gives `U_i <- Q_i` and
+    `C <- C x_i R_i`, so `C x_1 U_1 ... x_d U_d` is unchanged up to rounding. Inactive columns stay zero.
+
+    Args:
+        core (`torch.Tensor`): the core at capacity, modified in place.
+        bases (`Sequence[torch.Tensor]`): one basis per adaptive mode, `(n_i, cap_i)`, modified in place.
+        widths (`Sequence[int]`): the active widths.
+
+    Example:
+
+    ```python
+    retract(core, bases, widths=[4, 4])
+    ```
+    """
+    widths = [int(w) for w in widths]
+    _check_layout(core, bases, widths, "widths")
+    active = _small(core[_block(widths)])
+    for i, (basis, width) in enumerate(zip(bases, widths)):
+        if width == 0:
+            continue
+        dtype = _compute_dtype(basis)
+        q, tri = _orthonormalize(basis[:, :width].to(dtype))
+        active = mode_product(active, tri, i)
+        basis[:, :width] = q.to(basis.dtype)
+        basis[:, width:] = 0
+    core.zero_()
+    core[_block(widths)] = active.to(core.device, core.dtype)
+
+
+@torch.no_grad()
 def augment(
     core: torch.Tensor,
     bases: Sequence[torch.Tensor],

@@ -8,7 +8,9 @@ HOSVD truncation. Then the truncated adapter takes one ordinary step and the nex
 The schedule is a function of the step count alone, so a run resumed from any checkpoint continues exactly, and
 `finalize()` truncates an adapter that is mid-cycle, so that saved final ranks never include unvetted directions.
 
-The optimizer never steps a basis: `before_step()` moves the basis gradients aside and sets `.grad = None`.
+With `train_bases=True` (the default) the optimizer steps the active basis columns too, every step, and every cycle
+event starts by making the bases orthonormal again (`rank_ops.retract`). With `train_bases=False` the optimizer never
+steps a basis: `before_step()` moves the basis gradients aside and sets `.grad = None`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .config import TuckerAdapterConfig
 from .distributed import broadcast_tensors, check_no_parameter_sharding, is_distributed
 from .layer import TuckerLayer
-from .optimizer_state import state_after_augment, state_after_truncate, unwrap_optimizer
-from .rank_ops import augment, truncate
+from .optimizer_state import (
+    basis_state_after_augment,
+    basis_state_after_truncate,
+    state_after_augment,
+    state_after_truncate,
+    unwrap_optimizer,
+)
+from .rank_ops import augment, retract, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -181,17 +189,19 @@ class TuckerRankUpdater:
     # ---- the hooks around optimizer.step() ----------------------------------------------------------------------
 
     def before_step(self) -> None:
-        """Moves the basis gradients aside (kept for augmentation when this step ends with one) and sets `.grad = None`
-        on every basis, so that the optimizer neither updates nor decays the bases."""
+        """Keeps the basis gradients for augmentation when this step ends with one. Without `train_bases`, sets
+        `.grad = None` on every basis, so that the optimizer neither updates nor decays the bases."""
         n = self.step + 1
         for group in self.groups:
             keep = group.action(n, self.total_steps) == "augment"
             for _, layer in group.layers:
                 bases = layer.tucker_bases[group.name]
                 if keep:
-                    self._basis_grads[id(layer)] = [b.grad for b in bases]
-                for basis in bases:
-                    basis.grad = None
+                    # cloned: the optimizer step below must not see the same tensor change under it
+                    self._basis_grads[id(layer)] = [None if b.grad is None else b.grad.clone() for b in bases]
+                if not group.config.train_bases:
+                    for basis in bases:
+                        basis.grad = None
 
     def after_step(self) -> None:
         """Ends optimizer step `self.step + 1`: augments or truncates as the schedule says, then syncs processes."""
@@ -206,13 +216,17 @@ class TuckerRankUpdater:
         self.step = n
 
     def finalize(self) -> None:
-        """Truncates every adapter that is mid-cycle, so that the final ranks hold only vetted directions."""
+        """Truncates every adapter that is mid-cycle, so that the final ranks hold only vetted directions; with
+        `train_bases`, makes the bases of the others orthonormal again."""
         for group in self.groups:
             mid_cycle = (
                 group.augmented if group.augmented is not None else group.mid_cycle(self.step, self.total_steps)
             )
             if mid_cycle:
                 self._truncate(group)
+            elif group.config.train_bases:
+                self._retract(group)
+                self._sync(group)
 
     # ---- the cycle ----------------------------------------------------------------------------------------------
 
@@ -224,7 +238,17 @@ class TuckerRankUpdater:
         return r_min, r_max
 
     @torch.no_grad()
+    def _retract(self, group: _Group) -> None:
+        """Orthonormal bases again after the optimizer stepped them (`train_bases`); `dW` unchanged. The optimizer
+        state is kept as it is: the triangular factors are close to the identity after a few steps."""
+        for _, layer in group.layers:
+            core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
+            retract(core.data, [b.data for b in bases], layer.active_ranks(group.name))
+
+    @torch.no_grad()
     def _augment(self, group: _Group) -> None:
+        if group.config.train_bases:
+            self._retract(group)
         for _, layer in group.layers:
             core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
             grads = self._basis_grads.get(id(layer), [None] * len(bases))
@@ -232,12 +256,17 @@ class TuckerRankUpdater:
             widths = augment(core.data, [b.data for b in bases], ranks, grads)
             if self.optimizer is not None:
                 state_after_augment(self.optimizer, core, ranks)
+                if group.config.train_bases:
+                    for basis, rank in zip(bases, ranks):
+                        basis_state_after_augment(self.optimizer, basis, rank)
             layer.set_active_ranks(group.name, widths)
         self._sync(group)
         group.augmented = True
 
     @torch.no_grad()
     def _truncate(self, group: _Group) -> None:
+        if group.config.train_bases:
+            self._retract(group)
         for module, layer in group.layers:
             core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
             widths = layer.active_ranks(group.name)
@@ -245,6 +274,9 @@ class TuckerRankUpdater:
             ranks, rotations = truncate(core.data, [b.data for b in bases], widths, group.config.tau, r_min, r_max)
             if self.optimizer is not None:
                 state_after_truncate(self.optimizer, core, widths, rotations)
+                if group.config.train_bases:
+                    for basis, width, rotation in zip(bases, widths, rotations):
+                        basis_state_after_truncate(self.optimizer, basis, width, rotation)
             layer.set_active_ranks(group.name, ranks)
         self._sync(group)
         group.augmented = False
@@ -259,8 +291,9 @@ class TuckerRankUpdater:
             core = layer.tucker_core[group.name]
             tensors += [core.data, *(b.data for b in layer.tucker_bases[group.name]), layer.tucker_ranks[group.name]]
             if self.optimizer is not None:
-                state = self.optimizer.state.get(core, {})
-                tensors += [v for k, v in sorted(state.items()) if torch.is_tensor(v) and v.shape == core.shape]
+                for param in (core, *layer.tucker_bases[group.name]):
+                    state = self.optimizer.state.get(param, {})
+                    tensors += [v for k, v in sorted(state.items()) if torch.is_tensor(v) and v.shape == param.shape]
         broadcast_tensors(tensors)
         for _, layer in group.layers:
             layer.set_active_ranks(group.name, layer.tucker_ranks[group.name].tolist())

@@ -115,6 +115,9 @@ class AdapterArguments:
     r_min: int = field(default=1, metadata={"help": "Tucker: smallest rank per mode."})
     core_steps: int = field(default=10, metadata={"help": "Tucker: core-only optimizer steps per rank cycle (c)."})
     augment_start_step: int = field(default=10, metadata={"help": "Tucker: first step that augments the bases."})
+    train_bases: bool = field(
+        default=True, metadata={"help": "Tucker: the optimizer steps the bases too (re-orthonormalized every cycle)."}
+    )
     freeze_ranks_after: float | None = field(
         default=None,
         metadata={"help": "Tucker: stop rank updates after this many steps (>= 1) or this fraction (< 1)."},
@@ -238,6 +241,7 @@ def build_adapter(
             core_steps=adapter_args.core_steps,
             augment_start_step=adapter_args.augment_start_step,
             freeze_ranks_after=freeze,
+            train_bases=adapter_args.train_bases,
         )
         return config, [tucker_lora.TuckerRankCallback()]
     if adapter_args.method == "lora":
