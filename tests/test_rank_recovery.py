@@ -4,9 +4,10 @@ What is measured: a layer whose frozen weight is zero learns `y = dW_true x` (Li
 3 x 3 kernels and channel ranks k) from random inputs, with the scaling s = 1. The adapter starts at rank 2 (it must
 grow) or 10 (it must shrink); tau = 0.02, r_max = 12, core_steps = 10, augmentation from step 10. Plain SGD (lr 0.5)
 and AdamW whose lr decays linearly to zero (METHOD section 3: under a constant Adam lr, truncation keeps the noise the
-Galerkin steps put on new entries). AdamW also with `train_bases=True` (the bases stepped as free factors and
-re-orthonormalized at every cycle event: errors ~1.0-1.4e-3 at 250 steps). Over 1500 steps this setup ends at rank 5 with relative errors ~1e-7 (SGD) and
-~2e-4 (AdamW, lr 1e-2); the 250 steps (AdamW lr 3e-2) used here to stay fast end at rank 5 with errors <= 1.5e-3.
+Galerkin steps put on new entries), and AdamW with `train_bases=True` (the bases stepped as free factors,
+re-orthonormalized at every cycle event). Over 1500 steps this setup ends at rank 5 with relative errors ~1e-7 (SGD)
+and ~2e-4 (AdamW, lr 1e-2); the 250 steps (AdamW lr 3e-2) used here to stay fast end at rank 5 with errors <= 1.5e-3
+(1.0-1.4e-3 with `train_bases`).
 """
 
 from __future__ import annotations

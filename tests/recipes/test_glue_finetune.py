@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from finetune import config_to_argv, lora_parameters, main, parse_args
@@ -238,3 +239,25 @@ def test_default_model_type_deberta_v2(method: str, tiny_deberta_dir: Path, glue
         assert len(saved["final_ranks"]) == 12  # 2 layers x 6 matrices
     logits = reload_logits(out, tiny_deberta_dir, 2, tiny_batch(tiny_deberta_dir))
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["tucker", "lora"])
+def test_short_regression_run_is_no_worse_than_the_mean(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, method):
+    """STS-B: the head starts at the training labels' mean, so even 2 tiny steps predict near it; from a bias of 0
+    the dev MSE would be about mean^2 + variance (here ~8.5 against ~2)."""
+    from tasks import load_glue
+
+    out = tmp_path / method
+    main(base_args(tiny_bert_dir, glue_dir, out, "stsb", method, 2) + ["--learning_rate", "1e-5"])
+    splits = load_glue("stsb", glue_dir)
+    train_mean = float(np.mean(list(splits["train"]["label"])))
+    dev = splits["validation"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    batch = tokenizer(list(dev["sentence1"]), list(dev["sentence2"]), padding=True, return_tensors="pt")
+    scores = reload_logits(out, tiny_bert_dir, 1, dict(batch)).squeeze(-1).double().numpy()
+    labels = np.asarray(list(dev["label"]), dtype=np.float64)
+    mse, mse_of_mean = np.mean((scores - labels) ** 2), np.mean((train_mean - labels) ** 2)
+    assert mse <= 1.05 * mse_of_mean, (mse, mse_of_mean)
+    assert abs(scores.mean() - train_mean) < 0.2
