@@ -60,9 +60,16 @@ def load_preset(name_or_path: str) -> dict:
     for key in ("seeds", "methods", "tasks", "common"):
         if key not in preset:
             raise ValueError(f"preset {path} must have a {key!r} entry")
-    unknown = set(preset["methods"]) - set(METHODS)
+    variants = preset.setdefault("variants", {})
+    for name, variant in variants.items():
+        if variant.get("method") not in METHODS:
+            raise ValueError(f"preset `variants.{name}.method` must be one of {list(METHODS)}; got {variant!r}")
+    unknown = set(preset["methods"]) - set(METHODS) - set(variants)
     if unknown:
-        raise ValueError(f"preset `methods` must be among {list(METHODS)}; got {sorted(unknown)}")
+        raise ValueError(
+            f"preset `methods` must be among {list(METHODS)} or the preset's variants {sorted(variants)}; got "
+            f"{sorted(unknown)}"
+        )
     preset["_path"] = str(path)
     return preset
 
@@ -127,19 +134,29 @@ def run_all(jobs: list[tuple[dict, Path, Path]], desc: str, timeout_s: float, pa
         return [f.result() for f in futures]
 
 
+def family(preset: dict, method: str) -> str:
+    """The recipe method behind a preset method name: a variant's `method`, else the name itself."""
+    return preset.get("variants", {}).get(method, {}).get("method", method)
+
+
 def run_options(preset: dict, task: str, method: str, seed: int, chosen: dict | None = None) -> dict:
-    """The recipe's options for one run: the preset's common, task and method values, then `chosen[method]`."""
+    """The recipe's options for one run: the preset's common, task and method values, then `chosen[method]`, then a
+    variant's own values (`variants` entries such as `{"lora_r2": {"method": "lora", "rank": 2}}` draw a method at
+    other settings: LoRA's rank curve, Tucker at several tau)."""
+    base = family(preset, method)
+    variant = {k: v for k, v in preset.get("variants", {}).get(method, {}).items() if k != "method"}
     options = {
         "task": task,
-        "method": method,
+        "method": base,
         "seed": seed,
         "model_name_or_path": resolve_model(preset.get("model", "minilm")),
         "data_dir": resolve_data_dir(preset.get("data_dir")),
         **preset["common"],
         **preset["tasks"][task],
-        **preset.get(method, {}),
+        **preset.get(base, {}),
     }
-    options.update((chosen or {}).get(method, {}))
+    options.update((chosen or {}).get(base, {}))
+    options.update(variant)
     return options
 
 
@@ -258,7 +275,7 @@ def aggregate(runs: list[dict], preset: dict) -> dict:
         if not cell:
             continue
         table[f"{task}/{method}"] = {
-            "task": task, "method": method, "metric": cell[0]["metric"],
+            "task": task, "method": method, "family": family(preset, method), "metric": cell[0]["metric"],
             "score": summarize([r["value"] for r in cell]),
             "active_trainable_parameters": summarize([r["active_trainable_parameters"] for r in cell]),
             "lora_r8_parameters": cell[0]["lora_r8_parameters"],

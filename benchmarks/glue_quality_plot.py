@@ -1,4 +1,5 @@
-"""The quality benchmark's figure: per task, dev score against active trainable parameters, one marker per method."""
+"""The quality benchmark's figure: per task, dev score against active trainable parameters, one curve per method
+(its variants at other ranks or tolerances are the curve's points)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,24 @@ def plot_quality(summary: dict, path: Path, title: str) -> Path:
         raise ValueError("nothing to plot: the summary has no finished runs")
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for cell in (c for c in summary["cells"].values() if c["task"] == task):
-            marker, color = MARKERS.get(cell["method"], ("x", "black"))
-            share = 100 * cell["active_trainable_parameters"]["mean"] / cell["lora_r8_parameters"]
-            score = cell["score"]
-            ax.errorbar(share, 100 * score["mean"], yerr=100 * score["std"], fmt=marker, color=color, capsize=3,
-                        label=f"{cell['method']} (n={score['n']})")  # fmt: skip
+        cells = [c for c in summary["cells"].values() if c["task"] == task]
+        for name in dict.fromkeys(c.get("family", c["method"]) for c in cells):
+            # one method's settings (LoRA's ranks, Tucker's tau) as one curve, by parameter share
+            points = sorted(
+                (
+                    (100 * c["active_trainable_parameters"]["mean"] / c["lora_r8_parameters"], c)
+                    for c in cells
+                    if c.get("family", c["method"]) == name
+                ),
+                key=lambda point: point[0],
+            )
+            marker, color = MARKERS.get(name, ("x", "black"))
+            shares = [share for share, _ in points]
+            means = [100 * c["score"]["mean"] for _, c in points]
+            stds = [100 * c["score"]["std"] for _, c in points]
+            n = min(c["score"]["n"] for _, c in points)
+            ax.errorbar(shares, means, yerr=stds, fmt=marker + "-", color=color, capsize=3, linewidth=1,
+                        label=f"{name} (n={n})")  # fmt: skip
         ax.axvline(70, color="gray", linestyle=":", linewidth=1)  # the goal's parameter budget
         ax.set_title(task)
         ax.set_xlabel("active params, % of LoRA r=8")
