@@ -40,7 +40,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from glue_quality_plot import plot_quality  # noqa: E402  (a sibling file, not a package)
+from glue_quality_plot import plot_loss_curves, plot_quality  # noqa: E402  (a sibling file, not a package)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "glue" / "finetune.py"
@@ -263,7 +263,8 @@ def eval_stage(
             "trainable_parameters": metrics["trainable_parameters"],
             "lora_r8_parameters": metrics["lora_r8_parameters"], "final_ranks": metrics["final_ranks"],
             "wall_time_s": metrics["wall_time_s"], "train_time_s": metrics["train_time_s"],
-            "versions": metrics["versions"],
+            "versions": metrics["versions"], "family": family(preset, method),
+            "output_dir": str(run_dir[(task, method, seed)]),
         })  # fmt: skip
     return runs
 
@@ -324,6 +325,8 @@ def markdown(record: dict) -> str:
         )
     if record.get("figure"):
         lines += ["", f"![score against parameters]({record['figure']})"]
+    if record.get("loss_figure"):
+        lines += ["", f"![training loss]({record['loss_figure']})"]
     lines += ["", "| method | mean score over tasks | active params / LoRA r=8 |", "|---|---|---|"]
     for method, o in record["summary"]["overall"].items():
         lines.append(f"| {method} | {100 * o['mean_score']:.2f} | {100 * o['active_fraction_of_lora_r8']:.0f}% |")
@@ -413,6 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
         figure = results / f"glue_quality_{name}.png"
         title = f"GLUE quality, preset {name}, {preset.get('model', 'minilm')}"
         record["figure"] = str(plot_quality(record["summary"], figure, title).relative_to(results))
+        losses = plot_loss_curves(runs, results / f"glue_quality_{name}_loss.png", f"training loss, preset {name}")
+        record["loss_figure"] = None if losses is None else str(losses.relative_to(results))
     (results / f"glue_quality_{name}.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     (results / f"glue_quality_{name}.md").write_text(markdown(record), encoding="utf-8")
     print(markdown(record))

@@ -50,3 +50,51 @@ def plot_quality(summary: dict, path: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_loss_curves(runs: list[dict], path: Path, title: str) -> Path | None:
+    """Writes one panel per task: the training loss logged by each run (`trainer_state.json` in its `output_dir`),
+    one line per method and seed, coloured by method family. Returns `path`, or `None` when no run logged a loss."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    for run in runs:
+        state = Path(run.get("output_dir", "")) / "trainer_state.json"
+        if not state.is_file():
+            continue
+        history = json.loads(state.read_text(encoding="utf-8"))["log_history"]
+        points = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
+        if points:
+            curves.append((run, points))
+    if not curves:
+        return None
+    tasks = list(dict.fromkeys(run["task"] for run, _ in curves))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, task in zip(axes[0], tasks):
+        mine = [(run, points) for run, points in curves if run["task"] == task]
+        methods = list(dict.fromkeys(run["method"] for run, _ in mine))
+        labelled = set()
+        for run, points in mine:
+            family = run.get("family", run["method"])
+            _, color = MARKERS.get(family, ("x", "black"))
+            siblings = [m for m in methods if any(r["method"] == m and r.get("family", m) == family for r, _ in mine)]
+            label = None if run["method"] in labelled else run["method"]
+            labelled.add(run["method"])
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, styles[siblings.index(run["method"]) % len(styles)], color=color, linewidth=1,
+                    label=label)  # fmt: skip
+        ax.set_title(task)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

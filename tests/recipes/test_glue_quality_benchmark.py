@@ -145,3 +145,17 @@ def test_select_rejects_a_grid_for_an_unknown_method():
               "select": {"holdout_fraction": 0.2, "grid": {"loha": {"learning_rate": [0.001]}}}}  # fmt: skip
     with pytest.raises(ValueError, match=r"`select.grid` keys must be methods among .*; got \['loha'\]"):
         glue_quality.select_stage(preset, Path("unused"), 10.0, 1)
+
+
+def test_loss_curves_read_each_runs_trainer_state(tmp_path: Path):
+    runs = []
+    for method, family in (("lora", "lora"), ("lora_r2", "lora"), ("tucker", "tucker")):
+        out = tmp_path / method
+        out.mkdir()
+        history = [{"step": s, "loss": 1.0 / s} for s in (10, 20, 30)] + [{"step": 30, "train_runtime": 1.0}]
+        (out / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        runs.append({**fake_run("sst2", method, 0, 0.8, 500), "family": family, "output_dir": str(out)})
+    runs.append({**fake_run("sst2", "adalora", 0, 0.8, 500), "output_dir": str(tmp_path / "missing")})
+    path = glue_quality.plot_loss_curves(runs, tmp_path / "loss.png", "t")
+    assert path == tmp_path / "loss.png" and path.stat().st_size > 0
+    assert glue_quality.plot_loss_curves(runs[-1:], tmp_path / "none.png", "t") is None  # nothing logged
