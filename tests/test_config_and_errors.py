@@ -27,7 +27,7 @@ from tucker_lora import TuckerAdapterConfig
         ({"core_steps": 0}, r"`core_steps` must be an integer >= 1; got 0"),
         ({"augment_start_step": -1}, r"`augment_start_step` must be an integer >= 0; got -1"),
         ({"freeze_ranks_after": 1.5}, r"`freeze_ranks_after` as a fraction must be in \(0, 1\]; got 1.5"),
-        ({"rank_pattern": {"lin0": 99}}, r"`rank_pattern\['lin0'\]` must hold integers in \[1, r_max=16\]; got 99"),
+        ({"rank_pattern": {"lin0": 99}}, r"`rank_pattern\[.lin0.\]` must hold integers in \[1, 2 \* r_max=32\]; got"),
     ],
 )
 def test_bad_config_values_raise_naming_field_rule_and_value(kwargs, message):

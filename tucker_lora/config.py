@@ -42,8 +42,9 @@ class TuckerAdapterConfig(PeftConfig):
         layers_to_transform, layers_pattern: PEFT semantics.
         modules_to_save (`list[str]`, *optional*): modules trained in full and saved (the classifier head for
             `SEQ_CLS`, added by PEFT).
-        rank_pattern (`dict`): per-module active ranks, `{module name or regex: int or [r_1, r_2, ...]}`. Written on
-            save with the ranks in use, so that loading rebuilds them.
+        rank_pattern (`dict`): per-module active ranks, `{module name or regex: int or [r_1, r_2, ...]}`, each in
+            `[1, 2 * r_max]`. Written on save with the ranks in use (augmented ones when saved mid-cycle), so that
+            loading rebuilds them.
         conv_modes (`str`): `"channels"` (default) adapts the out/in channel modes of a `Conv2d` and keeps the
             spatial modes full; `"all"` adapts the spatial modes too.
         init_weights (`bool`): `True` starts from a zero core (the output equals the base model's); `False` draws a
@@ -126,9 +127,11 @@ class TuckerAdapterConfig(PeftConfig):
         for key, ranks in self.rank_pattern.items():
             values = ranks if isinstance(ranks, (list, tuple)) else [ranks]
             for value in values:
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.r_max:
+                # up to 2 * r_max: an adapter saved between augmentation and truncation holds the augmented ranks
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2 * self.r_max:
                     raise ValueError(
-                        f"`rank_pattern[{key!r}]` must hold integers in [1, r_max={self.r_max}]; got {ranks!r}."
+                        f"`rank_pattern[{key!r}]` must hold integers in [1, 2 * r_max={2 * self.r_max}]; "
+                        f"got {ranks!r}."
                     )
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("`layers_pattern` needs `layers_to_transform` to be set; got layers_to_transform=None.")

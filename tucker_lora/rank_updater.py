@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import TuckerAdapterConfig
+from .cycle_checks import cores_replaced, record_cores
 from .distributed import broadcast_tensors, check_no_parameter_sharding, is_distributed
 from .layer import TuckerLayer
 from .optimizer_state import state_after_augment, state_after_truncate, unwrap_optimizer
@@ -204,6 +205,7 @@ class TuckerRankUpdater:
                 self._truncate(group)
         self._basis_grads.clear()
         self.step = n
+        record_cores(self)
 
     def finalize(self) -> None:
         """Truncates every adapter that is mid-cycle, so that the final ranks hold only vetted directions."""
@@ -211,7 +213,7 @@ class TuckerRankUpdater:
             mid_cycle = (
                 group.augmented if group.augmented is not None else group.mid_cycle(self.step, self.total_steps)
             )
-            if mid_cycle:
+            if mid_cycle and not cores_replaced(self, group):
                 self._truncate(group)
 
     # ---- the cycle ----------------------------------------------------------------------------------------------
