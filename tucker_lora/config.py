@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,6 +58,10 @@ class TuckerAdapterConfig(PeftConfig):
         freeze_ranks_after (`int | float`, *optional*): stop adapting ranks after this many optimizer steps (int)
             or this fraction of the run (float in (0, 1]); `None` adapts until the end.
 
+    `get_peft_model` (and `add_adapter`) keep their own copy of this config, so that saving, which writes the ranks
+    in use into `rank_pattern`, never changes your object: edits to it afterwards do not reach the model; read or
+    edit `model.peft_config[adapter_name]` instead.
+
     Example:
         ```py
         >>> import tucker_lora
@@ -107,8 +112,8 @@ class TuckerAdapterConfig(PeftConfig):
             raise ValueError(f"`r_max` must be >= `r` ({self.r}); got {self.r_max}.")
         if self.r_min > self.r:
             raise ValueError(f"`r_min` must be <= `r` ({self.r}); got {self.r_min}.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"`alpha` must be a number > 0; got {self.alpha!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise ValueError(f"`alpha` must be a finite number > 0; got {self.alpha!r}.")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}.")
         if self.conv_modes not in CONV_MODES:
