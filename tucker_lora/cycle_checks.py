@@ -7,7 +7,10 @@ Kept apart from `rank_updater.py` so that the cycle itself stays short: every ch
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -34,5 +37,47 @@ def cores_replaced(updater: Any, group: Any) -> bool:
     logger.info(
         "Adapter %r was loaded or written since the last optimizer step: finalize() keeps its ranks as loaded.",
         group.name,
+    )
+    return True
+
+
+def _finite(tensor: torch.Tensor | None) -> bool:
+    return tensor is None or bool(torch.isfinite(tensor).all())
+
+
+def skip_nonfinite_event(updater: Any, group: Any, action: str, step: int) -> bool:
+    """Checks the inputs of the cycle event `action` ending optimizer step `step` before it runs.
+
+    A non-finite basis gradient at an augmentation (an fp16 loss scaler's overflow step, a NaN loss) would write NaN
+    into the bases: the augmentation is skipped with a warning naming the step and the layers, and the cycle goes on
+    (the truncation that follows works on the unaugmented adapter). A non-finite core means the optimizer already
+    stepped a non-finite gradient: continuing would spread it into the bases, so this raises.
+
+    Returns:
+        `bool`: whether to skip the event.
+
+    Raises:
+        `FloatingPointError`: if a core of `group` holds NaN or inf.
+    """
+    bad_cores = [module for module, layer in group.layers if not _finite(layer.tucker_core[group.name])]
+    if bad_cores:
+        raise FloatingPointError(
+            f"Tucker cores of adapter {group.name!r} hold NaN or inf after optimizer step {step}, in {bad_cores}: the "
+            "optimizer stepped a non-finite gradient. Lower the learning rate, clip gradients, or skip non-finite "
+            "steps (an fp16 loss scaler does), and resume from a checkpoint."
+        )
+    if action != "augment":
+        return False
+    bad_grads = [
+        module
+        for module, layer in group.layers
+        if not all(_finite(grad) for grad in updater._basis_grads.get(id(layer), []))
+    ]
+    if not bad_grads:
+        return False
+    warnings.warn(
+        f"Optimizer step {step}: non-finite basis gradients in {bad_grads} (adapter {group.name!r}); the "
+        "augmentation of this step is skipped and the ranks stay as they are.",
+        stacklevel=3,
     )
     return True

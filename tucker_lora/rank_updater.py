@@ -24,7 +24,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import TuckerAdapterConfig
-from .cycle_checks import cores_replaced, record_cores
+from .cycle_checks import cores_replaced, record_cores, skip_nonfinite_event
 from .distributed import broadcast_tensors, check_no_parameter_sharding, is_distributed
 from .layer import TuckerLayer
 from .optimizer_state import state_after_augment, state_after_truncate, unwrap_optimizer
@@ -199,6 +199,8 @@ class TuckerRankUpdater:
         n = self.step + 1
         for group in self.groups:
             action = group.action(n, self.total_steps)
+            if action is not None and skip_nonfinite_event(self, group, action, n):
+                continue
             if action == "augment":
                 self._augment(group)
             elif action == "truncate":
