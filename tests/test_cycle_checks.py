@@ -95,3 +95,64 @@ def test_an_fp16_base_trains_a_float32_adapter_with_adamw():
         updater.after_step()
         optimizer.zero_grad()
     assert all_finite(model)
+
+
+def loss_backward(model, i=0):
+    model(**batch(i))["loss"].backward()
+
+
+def test_an_optimizer_without_the_cores_is_rejected_naming_them():
+    model = tucker_model()
+    head_only = torch.optim.AdamW(model.base_model.model.out.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"does not hold these Tucker cores: \['inp.tucker_core.default', 'conv"):
+        TuckerRankUpdater(model, head_only)
+
+
+def test_before_step_twice_is_an_error():
+    model = tucker_model()
+    updater = TuckerRankUpdater(model, optimizer_of(model))
+    loss_backward(model)
+    updater.before_step()
+    with pytest.raises(RuntimeError, match=r"before_step\(\) was called twice for optimizer step 1\. Call order"):
+        updater.before_step()
+
+
+def test_after_step_twice_is_an_error():
+    model = tucker_model()
+    optimizer = optimizer_of(model)
+    updater = TuckerRankUpdater(model, optimizer)
+    step(model, optimizer, updater, 0)
+    with pytest.raises(RuntimeError, match=r"after_step\(\) was called twice in a row .* at step 2\. Call order"):
+        updater.after_step()
+
+
+def test_forgotten_before_step_is_an_error():
+    model = tucker_model()
+    optimizer = optimizer_of(model)
+    updater = TuckerRankUpdater(model, optimizer)
+    step(model, optimizer, updater, 0)
+    loss_backward(model, 1)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match=r"after_step\(\) without before_step\(\) at optimizer step 2"):
+        updater.after_step()
+
+
+def test_optimizer_step_before_before_step_is_an_error():
+    model = tucker_model()
+    optimizer = optimizer_of(model)
+    updater = TuckerRankUpdater(model, optimizer)
+    loss_backward(model)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match=r"optimizer.step\(\) ran before before_step\(\) at optimizer step 1"):
+        updater.before_step()
+
+
+def test_deleting_the_managed_adapter_names_it():
+    model = tucker_model()
+    optimizer = optimizer_of(model)
+    updater = TuckerRankUpdater(model, optimizer)
+    model.add_adapter("other", tucker_lora.TuckerAdapterConfig(r=2, target_modules=["inp"]))
+    model.set_adapter("other")
+    model.delete_adapter("default")
+    with pytest.raises(RuntimeError, match=r"Adapter 'default', managed by this TuckerRankUpdater, is no longer"):
+        updater.before_step()

@@ -24,7 +24,14 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import TuckerAdapterConfig
-from .cycle_checks import cores_replaced, record_cores, skip_nonfinite_event
+from .cycle_checks import (
+    check_after_step,
+    check_before_step,
+    check_optimizer_holds_cores,
+    cores_replaced,
+    record_cores,
+    skip_nonfinite_event,
+)
 from .distributed import broadcast_tensors, check_no_parameter_sharding, is_distributed
 from .layer import TuckerLayer
 from .optimizer_state import state_after_augment, state_after_truncate, unwrap_optimizer
@@ -151,6 +158,8 @@ class TuckerRankUpdater:
             group.freeze_step(total_steps)  # a fraction without total_steps fails here, not mid-training
             for _, layer in group.layers:
                 _UPDATED_LAYERS.add(layer)
+        check_optimizer_holds_cores(self)
+        record_cores(self)
 
     def _find_groups(self, adapter_names: str | list[str] | None) -> list[_Group]:
         configs = getattr(self.model, "peft_config", None)
@@ -184,6 +193,7 @@ class TuckerRankUpdater:
     def before_step(self) -> None:
         """Moves the basis gradients aside (kept for augmentation when this step ends with one) and sets `.grad = None`
         on every basis, so that the optimizer neither updates nor decays the bases."""
+        check_before_step(self)
         n = self.step + 1
         for group in self.groups:
             keep = group.action(n, self.total_steps) == "augment"
@@ -196,6 +206,7 @@ class TuckerRankUpdater:
 
     def after_step(self) -> None:
         """Ends optimizer step `self.step + 1`: augments or truncates as the schedule says, then syncs processes."""
+        check_after_step(self)
         n = self.step + 1
         for group in self.groups:
             action = group.action(n, self.total_steps)
