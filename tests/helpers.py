@@ -43,3 +43,17 @@ def set_ranks_by_hand(layer: TuckerLayer, adapter: str, ranks: list[int], seed: 
         block = tuple(slice(0, r) for r in ranks)
         core[block] = torch.randn(core[block].shape, generator=generator)
     layer.set_active_ranks(adapter, ranks)
+
+
+def reduction_size(model: torch.nn.Module) -> int:
+    """Sum of the fan-ins of every Linear and Conv2d of `model` (base layers only): an upper bound on the number of
+    rounded products an output accumulates along the network, for `tests.tolerances.reduction_tol`."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, TuckerLayer):
+            continue  # its base layer is counted; the adapter's own sums are shorter
+        if isinstance(module, torch.nn.Linear):
+            total += module.in_features
+        elif isinstance(module, torch.nn.Conv2d):
+            total += module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+    return total

@@ -21,13 +21,15 @@ from tucker_lora import TuckerAdapterConfig
         ({"r": 8, "r_max": 4}, r"`r_max` must be >= `r` \(8\); got 4"),
         ({"r_min": 0}, r"`r_min` must be an integer >= 1; got 0"),
         ({"r": 4, "r_min": 5}, r"`r_min` must be <= `r` \(4\); got 5"),
-        ({"alpha": -1}, r"`alpha` must be a number > 0; got -1"),
+        ({"alpha": -1}, r"`alpha` must be a finite number > 0; got -1"),
+        ({"alpha": float("nan")}, r"`alpha` must be a finite number > 0; got nan"),
+        ({"alpha": float("inf")}, r"`alpha` must be a finite number > 0; got inf"),
         ({"dropout": 1.0}, r"`dropout` must be in \[0, 1\); got 1.0"),
         ({"conv_modes": "spatial"}, r"`conv_modes` must be one of \['channels', 'all'\]; got 'spatial'"),
         ({"core_steps": 0}, r"`core_steps` must be an integer >= 1; got 0"),
         ({"augment_start_step": -1}, r"`augment_start_step` must be an integer >= 0; got -1"),
         ({"freeze_ranks_after": 1.5}, r"`freeze_ranks_after` as a fraction must be in \(0, 1\]; got 1.5"),
-        ({"rank_pattern": {"lin0": 99}}, r"`rank_pattern\['lin0'\]` must hold integers in \[1, r_max=16\]; got 99"),
+        ({"rank_pattern": {"lin0": 99}}, r"`rank_pattern\[.lin0.\]` must hold integers in \[1, 2 \* r_max=32\]; got"),
     ],
 )
 def test_bad_config_values_raise_naming_field_rule_and_value(kwargs, message):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.utils.other import get_pattern_key
 from peft.utils.peft_types import PeftType, register_peft_method
 
 __all__ = ["BufferDict", "CompactSerialization", "ensure_peft_type", "register_tucker_method"]
@@ -114,7 +113,7 @@ class CompactSerialization:
             full = torch.zeros(target.shape, dtype=value.dtype)
             full[tuple(slice(0, s) for s in value.shape)] = value
             padded[key] = full
-        _check_ranks_against_config(config, ranks_by_module)
+        _record_loaded_ranks(config, ranks_by_module)
         return padded
 
 
@@ -127,13 +126,9 @@ def _ranks_of_owner(key: str, adapter_name: str, ranks_by_module: dict[str, list
     return None
 
 
-def _check_ranks_against_config(config, ranks_by_module: dict[str, list[int]]) -> None:
-    for owner, ranks in ranks_by_module.items():
-        name = owner.removeprefix(_PEFT_PREFIX)
-        pattern_key = get_pattern_key(config.rank_pattern.keys(), name)
-        declared = config.rank_pattern.get(pattern_key)
-        if isinstance(declared, (list, tuple)) and list(declared) != ranks:
-            raise ValueError(
-                f"The adapter file disagrees with its config: module {name!r} has ranks {ranks} in the weights "
-                f"but {list(declared)} in `rank_pattern`."
-            )
+def _record_loaded_ranks(config, ranks_by_module: dict[str, list[int]]) -> None:
+    """The weights carry their own ranks (`tucker_ranks`), which win over the model's config: `load_adapter` of an
+    older save into a live adapter (Trainer's `load_best_model_at_end`) restores the older ranks, and the config
+    then says so, as a save would."""
+    if ranks_by_module:
+        config.rank_pattern = {owner.removeprefix(_PEFT_PREFIX): ranks for owner, ranks in ranks_by_module.items()}

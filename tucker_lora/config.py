@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,8 +43,9 @@ class TuckerAdapterConfig(PeftConfig):
         layers_to_transform, layers_pattern: PEFT semantics.
         modules_to_save (`list[str]`, *optional*): modules trained in full and saved (the classifier head for
             `SEQ_CLS`, added by PEFT).
-        rank_pattern (`dict`): per-module active ranks, `{module name or regex: int or [r_1, r_2, ...]}`. Written on
-            save with the ranks in use, so that loading rebuilds them.
+        rank_pattern (`dict`): per-module active ranks, `{module name or regex: int or [r_1, r_2, ...]}`, each in
+            `[1, 2 * r_max]`. Written on save with the ranks in use (augmented ones when saved mid-cycle), so that
+            loading rebuilds them.
         conv_modes (`str`): `"channels"` (default) adapts the out/in channel modes of a `Conv2d` and keeps the
             spatial modes full; `"all"` adapts the spatial modes too.
         init_weights (`bool`): `True` starts from a zero core (the output equals the base model's); `False` draws a
@@ -58,6 +60,10 @@ class TuckerAdapterConfig(PeftConfig):
         train_bases (`bool`): `True` lets the optimizer step the active basis columns on every step, as LoRA's A and
             B, and makes them orthonormal again (QR, the triangular factor absorbed into the core) before every
             augmentation and truncation; `False` changes the bases only by augmentation and truncation.
+
+    `get_peft_model` (and `add_adapter`) keep their own copy of this config, so that saving, which writes the ranks
+    in use into `rank_pattern`, never changes your object: edits to it afterwards do not reach the model; read or
+    edit `model.peft_config[adapter_name]` instead.
 
     Example:
         ```py
@@ -113,8 +119,8 @@ class TuckerAdapterConfig(PeftConfig):
             raise ValueError(f"`r_max` must be >= `r` ({self.r}); got {self.r_max}.")
         if self.r_min > self.r:
             raise ValueError(f"`r_min` must be <= `r` ({self.r}); got {self.r_min}.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"`alpha` must be a number > 0; got {self.alpha!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
+            raise ValueError(f"`alpha` must be a finite number > 0; got {self.alpha!r}.")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}.")
         if self.conv_modes not in CONV_MODES:
@@ -135,9 +141,11 @@ class TuckerAdapterConfig(PeftConfig):
         for key, ranks in self.rank_pattern.items():
             values = ranks if isinstance(ranks, (list, tuple)) else [ranks]
             for value in values:
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.r_max:
+                # up to 2 * r_max: an adapter saved between augmentation and truncation holds the augmented ranks
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2 * self.r_max:
                     raise ValueError(
-                        f"`rank_pattern[{key!r}]` must hold integers in [1, r_max={self.r_max}]; got {ranks!r}."
+                        f"`rank_pattern[{key!r}]` must hold integers in [1, 2 * r_max={2 * self.r_max}]; "
+                        f"got {ranks!r}."
                     )
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("`layers_pattern` needs `layers_to_transform` to be set; got layers_to_transform=None.")

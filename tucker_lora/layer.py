@@ -43,6 +43,12 @@ class TuckerLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.register_load_state_dict_post_hook(TuckerLayer._refresh_ranks_cache)
+        # PEFT's layers expose the base layer's sizes (a Conv2d's channels)
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif isinstance(base, nn.Conv2d):
+            self.in_features, self.out_features = base.in_channels, base.out_channels
 
     # ---- shape of the adapter ---------------------------------------------------------------------------------
 
@@ -95,7 +101,8 @@ class TuckerLayer(BaseTunerLayer):
         self.tucker_r_init[adapter_name] = int(config.r)
         self.tucker_scaling[adapter_name] = float(config.alpha) / config.r
         self.tucker_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        if device is not None:
+        # under `low_cpu_mem_usage=True` PEFT registers the adapter on the meta device and assigns its tensors later
+        if device is not None and self.tucker_core[adapter_name].device.type != "meta":
             self.tucker_core[adapter_name].data = self.tucker_core[adapter_name].data.to(device)
             self.tucker_bases[adapter_name].to(device)
             self.tucker_ranks[adapter_name] = self.tucker_ranks[adapter_name].to(device)
@@ -104,6 +111,19 @@ class TuckerLayer(BaseTunerLayer):
         from .rank_updater import watch_rank_updates
 
         watch_rank_updates(self, adapter_name)
+
+    def cast_adapter_to_base_dtype(self, adapter_name: str) -> None:
+        """Core and bases in the base layer's float dtype (PEFT's `autocast_adapter_dtype=False`); ranks stay int."""
+        dtype = self.get_base_layer().weight.dtype
+        if not dtype.is_floating_point or adapter_name not in self.tucker_core:
+            return
+        core = self.tucker_core[adapter_name]
+        if core.device.type == "meta":
+            return
+        self.tucker_core[adapter_name] = nn.Parameter(core.data.to(dtype), requires_grad=core.requires_grad)
+        bases = self.tucker_bases[adapter_name]
+        for i, basis in enumerate(bases):
+            bases[i] = nn.Parameter(basis.data.to(dtype), requires_grad=basis.requires_grad)
 
     # ---- ranks --------------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import re
 import warnings
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from peft.utils.other import get_pattern_key
 from torch import nn
 
@@ -36,9 +37,20 @@ class TuckerModel(CompactSerialization, BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         # the model keeps its own copy: saving writes the ranks in use into `rank_pattern`, which must not leak into
-        # the caller's config object (a second model built from it would start at those ranks)
+        # the caller's config object (a second model built from it would start at those ranks). So edits to the
+        # caller's config after `get_peft_model` do not reach the model: edit `model.peft_config[name]` instead
         self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
         super().inject_adapter(model, adapter_name, **kwargs)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's convention: by default adapters hold float32 (fp16/bf16 are upcast); `autocast_adapter_dtype=False`
+        makes them follow the base layer's dtype."""
+        if autocast_adapter_dtype:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=True)
+            return
+        for module in self.model.modules():
+            if isinstance(module, TuckerLayer):
+                module.cast_adapter_to_base_dtype(adapter_name)
 
     def _create_and_replace(
         self,
@@ -85,7 +97,7 @@ class TuckerModel(CompactSerialization, BaseTuner):
 def check_targets(model: nn.Module, config: TuckerAdapterConfig) -> None:
     """Fail early when `target_modules` match nothing, warn on list entries that match nothing."""
     targets = config.target_modules
-    if targets is None:
+    if targets is None or targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # PEFT expands "all-linear" and checks it
         return
     names = [name for name, _ in model.named_modules() if name]
     if isinstance(targets, str):

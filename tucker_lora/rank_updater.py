@@ -26,6 +26,14 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import TuckerAdapterConfig
+from .cycle_checks import (
+    check_after_step,
+    check_before_step,
+    check_optimizer_holds_cores,
+    cores_replaced,
+    record_cores,
+    skip_nonfinite_event,
+)
 from .distributed import broadcast_tensors, check_no_parameter_sharding, is_distributed
 from .layer import TuckerLayer
 from .optimizer_state import (
@@ -158,6 +166,8 @@ class TuckerRankUpdater:
             group.freeze_step(total_steps)  # a fraction without total_steps fails here, not mid-training
             for _, layer in group.layers:
                 _UPDATED_LAYERS.add(layer)
+        check_optimizer_holds_cores(self)
+        record_cores(self)
 
     def _find_groups(self, adapter_names: str | list[str] | None) -> list[_Group]:
         configs = getattr(self.model, "peft_config", None)
@@ -191,6 +201,7 @@ class TuckerRankUpdater:
     def before_step(self) -> None:
         """Keeps the basis gradients for augmentation when this step ends with one. Without `train_bases`, sets
         `.grad = None` on every basis, so that the optimizer neither updates nor decays the bases."""
+        check_before_step(self)
         n = self.step + 1
         for group in self.groups:
             keep = group.action(n, self.total_steps) == "augment"
@@ -199,21 +210,28 @@ class TuckerRankUpdater:
                 if keep:
                     # cloned: the optimizer step below must not see the same tensor change under it
                     self._basis_grads[id(layer)] = [None if b.grad is None else b.grad.clone() for b in bases]
-                if not group.config.train_bases:
-                    for basis in bases:
+                for basis in bases:
+                    if not group.config.train_bases:
                         basis.grad = None
+                    elif basis.grad is not None:
+                        # a non-finite step would reach the bases; the core's raises at the next cycle event
+                        torch.nan_to_num_(basis.grad, nan=0.0, posinf=0.0, neginf=0.0)
 
     def after_step(self) -> None:
         """Ends optimizer step `self.step + 1`: augments or truncates as the schedule says, then syncs processes."""
+        check_after_step(self)
         n = self.step + 1
         for group in self.groups:
             action = group.action(n, self.total_steps)
+            if action is not None and skip_nonfinite_event(self, group, action, n):
+                continue
             if action == "augment":
                 self._augment(group)
             elif action == "truncate":
                 self._truncate(group)
         self._basis_grads.clear()
         self.step = n
+        record_cores(self)
 
     def finalize(self) -> None:
         """Truncates every adapter that is mid-cycle, so that the final ranks hold only vetted directions; with
@@ -222,6 +240,8 @@ class TuckerRankUpdater:
             mid_cycle = (
                 group.augmented if group.augmented is not None else group.mid_cycle(self.step, self.total_steps)
             )
+            if cores_replaced(self, group):
+                continue  # a checkpoint loaded after the last step (load_best_model_at_end) is kept as saved
             if mid_cycle:
                 self._truncate(group)
             elif group.config.train_bases:

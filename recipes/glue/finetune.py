@@ -52,6 +52,9 @@ from transformers.trainer_callback import ProgressCallback
 logger = logging.getLogger("glue_finetune")
 
 METHODS = ("tucker", "lora", "adalora")
+# `--rank` when not given: AdaLoRA starts above its target (the paper: init_r 12 for target_r 8), so it has a
+# budget to cut
+DEFAULT_RANKS = {"tucker": 8, "lora": 8, "adalora": 12}
 # Adapted linear layers and trained head per model type. DeBERTa's list is the authors' (METHOD.md section 8):
 # "output.dense" matches both the attention output and the feed-forward output projection.
 TARGET_MODULES = {
@@ -105,7 +108,10 @@ class DataArguments:
 @dataclass
 class AdapterArguments:
     method: str = field(default="tucker", metadata={"help": f"Adapter, one of {list(METHODS)}."})
-    rank: int = field(default=8, metadata={"help": "Tucker: initial rank r; LoRA: rank r; AdaLoRA: init_r."})
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "Tucker: initial rank r; LoRA: rank r (default 8); AdaLoRA: init_r (default 12)."},
+    )
     alpha: float = field(default=16.0, metadata={"help": "Scaling numerator (s = alpha / r)."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter's input."})
     target_modules: list[str] | None = field(default=None, metadata={"help": "Default: per model type."})
@@ -176,7 +182,10 @@ def parse_args(
         method = argv[argv.index("--method") + 1] if "--method" in argv[:-1] else "tucker"
         prefix += config_to_argv(path, method)
     parser = HfArgumentParser((ModelArguments, DataArguments, AdapterArguments, TrainingArguments))
-    return parser.parse_args_into_dataclasses(args=prefix + argv)
+    model_args, data_args, adapter_args, training_args = parser.parse_args_into_dataclasses(args=prefix + argv)
+    if adapter_args.rank is None:
+        adapter_args.rank = DEFAULT_RANKS.get(adapter_args.method, DEFAULT_RANKS["lora"])
+    return model_args, data_args, adapter_args, training_args
 
 
 def check_args(data_args: DataArguments, adapter_args: AdapterArguments, training_args: TrainingArguments) -> None:

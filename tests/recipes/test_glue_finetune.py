@@ -120,6 +120,18 @@ def test_adalora_target_must_be_below_init_rank(tiny_bert_dir: Path, glue_dir: P
         main(args)
 
 
+def test_default_ranks_run_for_every_method(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    for method, rank in (("tucker", 8), ("lora", 8), ("adalora", 12)):
+        _, _, adapter_args, _ = parse_args(base_args(tiny_bert_dir, glue_dir, tmp_path, "mrpc", method, 20))
+        assert adapter_args.rank == rank and adapter_args.adalora_target_r == 8
+    # AdaLoRA with the script's own defaults (no --rank, no config) trains and allocates
+    out = tmp_path / "adalora-defaults"
+    main(base_args(tiny_bert_dir, glue_dir, out, "mrpc", "adalora", 20) + ["--adalora_delta_t", "2"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["method"] == "adalora" and saved["optimizer_steps"] == 20
+    assert sum(saved["final_ranks"].values()) == 8 * len(saved["final_ranks"])
+
+
 def test_lora_on_mrpc(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
     out = tmp_path / "lora"
     report = main(base_args(tiny_bert_dir, glue_dir, out, "mrpc", "lora", 6) + ["--rank", "8"])
