@@ -36,7 +36,10 @@ class _Block(nn.Module):
         if with_pool:
             wide = 4 * n_in
             self.pool = nn.Sequential(
-                nn.Conv2d(n_in, wide, 1, bias=False), nn.GroupNorm(4, wide), nn.ReLU(), nn.Conv2d(wide, n_in, 1, bias=False)
+                nn.Conv2d(n_in, wide, 1, bias=False),
+                nn.GroupNorm(4, wide),
+                nn.ReLU(),
+                nn.Conv2d(wide, n_in, 1, bias=False),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +88,9 @@ class TAEF2(nn.Module):
         for part in ("encoder", "decoder"):
             path = os.path.join(folder, f"taef2_{part}.pth")
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"TAEF2 weights not found: {path} (expected taef2_encoder.pth and taef2_decoder.pth)")
+                raise FileNotFoundError(
+                    f"TAEF2 weights not found: {path} (expected taef2_encoder.pth and taef2_decoder.pth)"
+                )
             state = torch.load(path, map_location="cpu", weights_only=True)
             getattr(model, part).load_state_dict(state, strict=True)
         return model.eval().requires_grad_(False)
