@@ -61,6 +61,7 @@ def save_diffusers_lora(model: nn.Module, output_dir: str, method: str, adapter_
             f"unet.{k}": v.detach().float().contiguous().cpu()
             for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
         }
+    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, DIFFUSERS_WEIGHT_NAME)
     save_file(tensors, path, metadata={"format": "pt"})
     return path

@@ -1,6 +1,6 @@
 """Build (once) the small offline base model: a `UNet2DConditionModel` pre-trained on subject photos.
 
-This base is tiny (about 5M parameters, 256x256 images through TAEF2's 32-channel 32x32 latents, MiniLM prompts)
+This base is tiny (2.0M parameters; attention at 16x16 and 8x8, 256x256 images through TAEF2's 32-channel 32x32 latents, MiniLM prompts)
 and is not Stable Diffusion: it exists so that the DreamBooth recipe adapts a model that has learned something,
 with real pretrained text encoder and autoencoder, on a CPU and without the hub. It is saved as a diffusers folder
 (`unet/`, `scheduler/`) plus `offline_base.json`, which `components.load_components` reads.
@@ -36,10 +36,10 @@ def offline_unet_config() -> dict:
         "sample_size": 32,
         "in_channels": 32,
         "out_channels": 32,
-        "block_out_channels": (64, 128),
+        "block_out_channels": (32, 64, 64),
         "layers_per_block": 1,
-        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         "cross_attention_dim": 384,
         "attention_head_dim": 8,
         "norm_num_groups": 16,
@@ -89,7 +89,7 @@ def build_offline_base(
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
     lr = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
-    batch_size = 8
+    batch_size = 4
     unet.train()
     for step in range(steps):
         index = torch.randint(len(latents), (batch_size,), generator=generator)
