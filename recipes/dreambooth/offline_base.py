@@ -1,9 +1,9 @@
 """Build (once) the small offline base model: a `UNet2DConditionModel` pre-trained on subject photos.
 
-This base is tiny (2.0M parameters; attention at 16x16 and 8x8, 256x256 images through TAEF2's 32-channel 32x32 latents, MiniLM prompts)
-and is not Stable Diffusion: it exists so that the DreamBooth recipe adapts a model that has learned something,
-with real pretrained text encoder and autoencoder, on a CPU and without the hub. It is saved as a diffusers folder
-(`unet/`, `scheduler/`) plus `offline_base.json`, which `components.load_components` reads.
+This base is tiny (2.0M parameters, attention at 16x16 and 8x8; 256x256 images through TAEF2's 32-channel 32x32
+latents; MiniLM prompts) and is not Stable Diffusion: it exists so that the DreamBooth recipe adapts a model that has
+learned something, with a real pretrained text encoder and autoencoder, on a CPU and without the hub. It is saved as
+a diffusers folder (`unet/`, `scheduler/`) plus `offline_base.json`, which `components.load_components` reads.
 
     python recipes/dreambooth/offline_base.py --data_dir ../shared/data/dreambooth --exclude dog \
         --taef2_folder ../shared/data/diffusion --output_dir outputs/dreambooth/base
