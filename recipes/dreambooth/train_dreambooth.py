@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_examples = max(len(instances), len(classes) if classes else 0)
     per_process = max(1, args.train_batch_size)
     unet.train()
-    running, running_count = 0.0, 0
+    running, running_instance, running_count = 0.0, 0.0, 0
     while global_step < args.max_train_steps:
         for micro in range(args.gradient_accumulation_steps):
             micro_step = global_step * args.gradient_accumulation_steps + micro
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
                 prediction, target = denoising_loss(
                     unet, noise_scheduler, latents.to(accelerator.device), states, generator, weight_dtype
                 )
-                loss, _, _ = split_prior_loss(prediction, target, bool(classes), args.prior_loss_weight)
+                loss, instance_loss, _ = split_prior_loss(prediction, target, bool(classes), args.prior_loss_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_([p for p in params if p.grad is not None], args.max_grad_norm)
@@ -249,16 +249,22 @@ def main(argv: list[str] | None = None) -> dict:
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             running += loss.detach().item()
+            running_instance += instance_loss.detach().item()
             running_count += 1
         global_step += 1
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-            entry = {"step": global_step, "loss": running / running_count, "lr": lr_scheduler.get_last_lr()[0]}
+            entry = {
+                "step": global_step,
+                "loss": running / running_count,
+                "instance_loss": running_instance / running_count,  # the loss without the prior term
+                "lr": lr_scheduler.get_last_lr()[0],
+            }
             if updater is not None:
                 entry.update(updater.metrics())  # tucker_rank/<module>/<mode> and tucker_active_params
             history.append(entry)
             accelerator.log(entry, step=global_step)
             logger.info("step %d/%d loss %.4f", global_step, args.max_train_steps, entry["loss"])
-            running, running_count = 0.0, 0
+            running, running_instance, running_count = 0.0, 0.0, 0
         if accelerator.is_main_process and global_step % args.checkpointing_steps == 0:
             save_checkpoint(
                 args.output_dir, global_step, model, optimizer, lr_scheduler,
