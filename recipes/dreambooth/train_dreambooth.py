@@ -102,6 +102,30 @@ def heldout_loss(unet, noise_scheduler, latent_set: LatentSet, text_encoder, see
     return sum(losses) / len(losses)
 
 
+@torch.no_grad()
+def class_drift(model, noise_scheduler, latent_set: LatentSet, text_encoder, seed: int, weight_dtype) -> float:
+    """Mean squared difference between the adapted and the base UNet's predictions on the class images with the
+    class prompt (fixed seeded noise and timesteps): how far the class drifted, what prior preservation limits."""
+    was_training = model.training
+    model.eval()
+    states = text_encoder([latent_set.prompt])
+    diffs = []
+    for index, views in enumerate(latent_set.latents):
+        latents = views[0][None].repeat(HELDOUT_DRAWS, 1, 1, 1).to(states.device)
+        hidden = states.repeat(HELDOUT_DRAWS, 1, 1)
+        adapted, _ = denoising_loss(
+            model, noise_scheduler, latents, hidden, torch.Generator().manual_seed(seed * 7919 + index), weight_dtype
+        )
+        model.disable_adapters()
+        base, _ = denoising_loss(
+            model, noise_scheduler, latents, hidden, torch.Generator().manual_seed(seed * 7919 + index), weight_dtype
+        )
+        model.enable_adapters()
+        diffs.append((adapted.float() - base.float()).pow(2).mean().item())
+    model.train(was_training)
+    return sum(diffs) / len(diffs)
+
+
 def ensure_class_images(args, components, accelerator) -> list[str]:
     """Class images of `class_data_dir`, topped up to `num_class_images` by sampling the base model (as diffusers
     does), before any adapter is added."""
@@ -279,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {}
     if accelerator.is_main_process:
         metrics = save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldout, heldout_base,
-                               weight_dtype, accelerator, start_time)  # fmt: skip
+                               classes, weight_dtype, accelerator, start_time)  # fmt: skip
     accelerator.end_training()
     return metrics
 
@@ -294,8 +318,8 @@ def run_validation(args, model, text_encoder, vae, noise_scheduler, step: int, a
     return save_grid(images, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
 
 
-def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldout, heldout_base, weight_dtype,
-                 accelerator, start_time) -> dict:  # fmt: skip
+def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldout, heldout_base, classes,
+                 weight_dtype, accelerator, start_time) -> dict:  # fmt: skip
     from export_diffusers import save_adapter, save_diffusers_lora
 
     adapter_dir = save_adapter(model, args.output_dir, args.method)
@@ -322,6 +346,9 @@ def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldo
         if heldout
         else None,
         "heldout_loss_base": heldout_base,
+        "class_drift": class_drift(model, noise_scheduler, classes, text_encoder, args.seed, weight_dtype)
+        if classes
+        else None,
         "active_trainable_params": adapter_parameter_count(model, args.method),
         "lora_r4_params_same_layers": lora_parameter_count(model, 4),
         "final_ranks": None,
