@@ -224,12 +224,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     model = accelerator.unwrap_model(unet)
-    updater = None
-    if args.method == "tucker":
-        import tucker_lora
-
-        updater = tucker_lora.TuckerRankUpdater(unet, optimizer, total_steps=args.max_train_steps)
-
     global_step, history = 0, []
     if args.resume_from_checkpoint:
         folder = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -238,9 +232,14 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             state = load_checkpoint(folder, model, optimizer, lr_scheduler)
             global_step, history = state["global_step"], state["history"]
-            if updater is not None:
-                updater.step = global_step
             logger.info("resumed from %s at step %d", folder, global_step)
+    updater = None
+    if args.method == "tucker":
+        import tucker_lora
+
+        # built after the checkpoint load, so that the ranks it reports start from the loaded ones
+        updater = tucker_lora.TuckerRankUpdater(unet, optimizer, total_steps=args.max_train_steps)
+        updater.step = global_step  # the schedule is a function of the step count
     if accelerator.is_main_process and args.report_to != "none":
         accelerator.init_trackers("dreambooth-tucker", config={k: str(v) for k, v in vars(args).items()})
 
