@@ -93,3 +93,30 @@ def export_lora(model: nn.Module, output_dir: str | os.PathLike, adapter_name: s
     lora_config.save_pretrained(output_dir)
     save_file(tensors, os.path.join(output_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     return lora_config
+
+
+def diffusers_lora_state_dict(model: nn.Module, adapter_name: str = "default", prefix: str = "unet") -> dict:
+    """
+    The Tucker adapter `adapter_name` of a diffusers model (e.g. a `UNet2DConditionModel` with `add_adapter`) as a
+    diffusers-format LoRA state dict: keys `{prefix}.{module}.lora_A.weight` / `.lora_B.weight`, convolutions
+    included, and the Tucker scaling folded into `lora_B`, so that loaders which assume `alpha == rank` per module
+    (scale 1, diffusers' convention when a file carries no alphas) reproduce the adapted model exactly.
+
+    Save it with `safetensors.torch.save_file(..., "pytorch_lora_weights.safetensors")`; it loads with
+    `pipe.load_lora_weights(folder)` or `unet.load_lora_adapter(folder, prefix="unet")`, without tucker_lora.
+    """
+    tensors = {}
+    for full_name, layer in model.named_modules():
+        if not isinstance(layer, TuckerLayer) or adapter_name not in layer.tucker_core:
+            continue
+        name = full_name.removeprefix("base_model.model.")
+        _check_exportable(name, layer)
+        with torch.no_grad():
+            lora_a, lora_b = _lora_pair(layer, adapter_name)
+            lora_b = lora_b * (layer.tucker_alpha[adapter_name] / layer.tucker_r_init[adapter_name])
+        key = f"{prefix}.{name}" if prefix else name
+        tensors[f"{key}.lora_A.weight"] = lora_a.detach().float().contiguous().cpu()
+        tensors[f"{key}.lora_B.weight"] = lora_b.detach().float().contiguous().cpu()
+    if not tensors:
+        raise ValueError(f"The model has no Tucker adapter named {adapter_name!r} to export.")
+    return tensors

@@ -1,0 +1,159 @@
+"""DreamBooth quality on the offline base: held-out denoising loss and class drift against active trainable parameters.
+
+For each adapter setting, `recipes/dreambooth/train_dreambooth.py` trains on the subject with prior preservation and
+one photo left out (`--heldout_image`); the held-out loss uses fixed seeded noise and timesteps, the class drift is
+the mean squared difference between adapted and base predictions on the class images with the class prompt. Settings:
+Tucker at several tau, with convs (attention + resnet conv1/conv2) and attention-only, and PEFT LoRA at r = 2, 4, 8,
+with flattened convs and attention-only. Writes JSON, a markdown table and a loss-vs-parameters figure.
+
+The base is the tiny offline one (`recipes/dreambooth/offline_base.py`), not Stable Diffusion: read the figures as
+a check of the machinery and a first comparison, not as DreamBooth quality on a real model.
+
+    python benchmarks/dreambooth_quality.py --base outputs/dreambooth/base --seeds 0 1 2 --max_train_steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes" / "dreambooth"))
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+WITH_CONVS = [*ATTENTION, "conv1", "conv2"]
+
+
+def settings(taus: list[float], lora_ranks: list[int], tucker_rank: int) -> list[dict]:
+    found = []
+    for targets, label in ((WITH_CONVS, "attn+conv"), (ATTENTION, "attn")):
+        for tau in taus:
+            found.append({"name": f"tucker tau={tau} {label}", "method": "tucker", "targets": targets,
+                          "args": ["--method", "tucker", "--rank", str(tucker_rank), "--tau", str(tau)]})  # fmt: skip
+        for rank in lora_ranks:
+            found.append({"name": f"lora r={rank} {label}", "method": "lora", "targets": targets,
+                          "args": ["--method", "lora", "--rank", str(rank)]})  # fmt: skip
+    return found
+
+
+def run_one(setting: dict, seed: int, options: argparse.Namespace, out: Path) -> dict:
+    import train_dreambooth
+
+    folder = out / "runs" / f"{setting['name'].replace(' ', '_').replace('=', '')}-seed{seed}"
+    args = [
+        "--pretrained_model_name_or_path", options.base, "--instance_data_dir", options.instance_data_dir,
+        "--instance_prompt", options.instance_prompt, "--class_prompt", options.class_prompt,
+        "--with_prior_preservation", "--class_data_dir", str(out / "class"), "--num_class_images", "8",
+        "--heldout_image", options.heldout_image, "--center_crop", "--random_flip",
+        "--max_train_steps", str(options.max_train_steps), "--learning_rate", str(options.learning_rate),
+        "--checkpointing_steps", str(options.max_train_steps + 1), "--logging_steps", "10", "--seed", str(seed),
+        "--output_dir", str(folder), "--target_modules", *setting["targets"], *setting["args"],
+    ]  # fmt: skip
+    metrics = train_dreambooth.main(args)
+    return {
+        "setting": setting["name"], "method": setting["method"], "seed": seed,
+        "active_params": metrics["active_trainable_params"], "heldout_loss": metrics["heldout_loss"],
+        "heldout_loss_base": metrics["heldout_loss_base"], "class_drift": metrics["class_drift"],
+        "final_instance_loss": metrics["history"][-1]["instance_loss"], "wall_time_s": metrics["wall_time_s"],
+    }  # fmt: skip
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    table = []
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        group = [r for r in rows if r["setting"] == name]
+        losses = [r["heldout_loss"] for r in group]
+        table.append(
+            {
+                "setting": name,
+                "method": group[0]["method"],
+                "seeds": len(group),
+                "active_params": statistics.fmean(r["active_params"] for r in group),
+                "heldout_loss": statistics.fmean(losses),
+                "heldout_loss_sd": statistics.stdev(losses) if len(group) > 1 else None,
+                "heldout_loss_base": group[0]["heldout_loss_base"],
+                "class_drift": statistics.fmean(r["class_drift"] for r in group),
+            }
+        )
+    return table
+
+
+def write_report(table: list[dict], rows: list[dict], options: argparse.Namespace, out: Path, seconds: float) -> None:
+    lines = [
+        "# DreamBooth quality on the tiny offline base (not Stable Diffusion)", "",
+        f"Subject {options.instance_data_dir}, held-out photo {options.heldout_image}, "
+        f"{options.max_train_steps} steps, lr {options.learning_rate}, seeds {options.seeds}, "
+        f"{seconds / 60:.1f} min in all.", "",
+        "| setting | seeds | active params | held-out loss (base) | held-out loss | class drift |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in table:
+        sd = f" ± {r['heldout_loss_sd']:.4f}" if r["heldout_loss_sd"] is not None else ""
+        lines.append(f"| {r['setting']} | {r['seeds']} | {r['active_params']:,.0f} | {r['heldout_loss_base']:.4f} | "
+                     f"{r['heldout_loss']:.4f}{sd} | {r['class_drift']:.5f} |")  # fmt: skip
+    (out / "dreambooth_quality.md").write_text("\n".join(lines) + "\n")
+    (out / "dreambooth_quality.json").write_text(json.dumps({"options": vars(options), "table": table, "runs": rows},
+                                                            indent=2))  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method, marker in (("tucker", "o"), ("lora", "s")):
+        for label, style in (("attn+conv", "-"), ("attn", "--")):
+            points = sorted((r["active_params"], r["heldout_loss"]) for r in table
+                            if r["method"] == method and r["setting"].endswith(" " + label))  # fmt: skip
+            if points:
+                axis.plot(*zip(*points), marker=marker, linestyle=style, label=f"{method} {label}")
+    axis.axhline(table[0]["heldout_loss_base"], color="grey", linewidth=0.8, label="base (no adapter)")
+    axis.set_xscale("log")
+    axis.set_xlabel("active trainable parameters")
+    axis.set_ylabel("held-out denoising loss")
+    axis.set_title("DreamBooth on the tiny offline base (not Stable Diffusion)")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out / "dreambooth_quality.png", dpi=100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="outputs/dreambooth/base")
+    parser.add_argument("--instance_data_dir", default="../shared/data/dreambooth/dog")
+    parser.add_argument("--instance_prompt", default="a photo of sks dog")
+    parser.add_argument("--class_prompt", default="a photo of dog")
+    parser.add_argument("--heldout_image", default="04.jpg")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.05, 0.2, 0.4])
+    parser.add_argument("--lora_ranks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--tucker_rank", type=int, default=4)
+    parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--only", nargs="*", default=None, help="run only the settings with these names")
+    parser.add_argument("--output_dir", default="outputs/benchmarks/dreambooth_quality")
+    options = parser.parse_args(argv)
+    if not os.path.isdir(options.base):
+        raise ValueError(
+            f"`base` must be an offline base folder (build it with run_offline.sh); got {options.base!r}."
+        )
+    out = Path(options.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    rows = []
+    for setting in settings(options.taus, options.lora_ranks, options.tucker_rank):
+        if options.only and setting["name"] not in options.only:
+            continue
+        for seed in options.seeds:
+            rows.append(run_one(setting, seed, options, out))
+            print(json.dumps(rows[-1]), flush=True)
+    write_report(summarize(rows), rows, options, out, time.time() - start)
+    print((out / "dreambooth_quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Helpers for the DreamBooth recipe tests: a tiny offline base folder and small image folders, all under tmp paths.
+
+The tiny base has the offline layout (`unet/`, `scheduler/`, `offline_base.json`) with the real MiniLM text encoder,
+a TAEF2 with random weights (so that no test needs ../shared/data) and a randomly initialized 8x8-latent UNet.
+Importing this module puts `recipes/dreambooth` on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE_DIR = REPO / "recipes" / "dreambooth"
+SHARED_DATA = REPO.parent / "shared" / "data"
+if str(RECIPE_DIR) not in sys.path:
+    sys.path.insert(0, str(RECIPE_DIR))
+
+RESOLUTION = 64  # 8x8 latents through TAEF2
+
+
+def tiny_unet_config(cross_attention_dim: int = 384) -> dict:
+    return {
+        "sample_size": RESOLUTION // 8,
+        "in_channels": 32,
+        "out_channels": 32,
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": 2,
+        "norm_num_groups": 4,
+    }
+
+
+def make_tiny_base(folder: Path) -> Path:
+    from components import OFFLINE_MARKER
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from taef2 import TAEF2
+
+    torch.manual_seed(0)
+    taef2 = TAEF2()
+    (folder / "taef2").mkdir(parents=True)
+    torch.save(taef2.encoder.state_dict(), folder / "taef2" / "taef2_encoder.pth")
+    torch.save(taef2.decoder.state_dict(), folder / "taef2" / "taef2_decoder.pth")
+    UNet2DConditionModel(**tiny_unet_config()).save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    meta = {"taef2_folder": str(folder / "taef2"), "latent_scaling_factor": 1.0, "description": "test base"}
+    (folder / OFFLINE_MARKER).write_text(json.dumps(meta))
+    return folder
+
+
+def make_image_folder(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (80, 72)) -> Path:
+    """`count` random RGB JPEGs (not square, so that crops are exercised)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(array).save(folder / f"{i:02d}.jpg")
+    return folder
+
+
+def train_args(base: Path, instances: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(base), "--instance_data_dir", str(instances),
+        "--instance_prompt", "a photo of sks dog", "--output_dir", str(output), "--resolution", str(RESOLUTION),
+        "--learning_rate", "1e-2", "--logging_steps", "1", "--seed", "0", "--center_crop", *extra,
+    ]  # fmt: skip
