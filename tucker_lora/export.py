@@ -8,6 +8,7 @@ The scaling is kept as LoRA's `alpha / r` per module, so nothing needs to be rem
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
@@ -15,6 +16,18 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .layer import Conv2d, Linear, TuckerLayer
+
+
+def _lora_pairs(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, TuckerLayer, torch.Tensor, torch.Tensor]]:
+    """`(module name, layer, lora_A, lora_B)` for every layer holding the Tucker adapter `adapter_name`, unscaled."""
+    for full_name, layer in model.named_modules():
+        if not isinstance(layer, TuckerLayer) or adapter_name not in layer.tucker_core:
+            continue
+        name = full_name.removeprefix("base_model.model.")
+        _check_exportable(name, layer)
+        with torch.no_grad():
+            lora_a, lora_b = _lora_pair(layer, adapter_name)
+        yield name, layer, lora_a, lora_b
 
 
 def _lora_pair(layer: TuckerLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,13 +69,7 @@ def export_lora(model: nn.Module, output_dir: str | os.PathLike, adapter_name: s
     """
     config = model.peft_config[adapter_name]
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
-    for full_name, layer in model.named_modules():
-        if not isinstance(layer, TuckerLayer) or adapter_name not in layer.tucker_core:
-            continue
-        name = full_name.removeprefix("base_model.model.")
-        _check_exportable(name, layer)
-        with torch.no_grad():
-            lora_a, lora_b = _lora_pair(layer, adapter_name)
+    for name, layer, lora_a, lora_b in _lora_pairs(model, adapter_name):
         rank = lora_a.shape[0]
         scaling = layer.tucker_alpha[adapter_name] / layer.tucker_r_init[adapter_name]
         rank_pattern[name] = rank
@@ -106,14 +113,8 @@ def diffusers_lora_state_dict(model: nn.Module, adapter_name: str = "default", p
     `pipe.load_lora_weights(folder)` or `unet.load_lora_adapter(folder, prefix="unet")`, without tucker_lora.
     """
     tensors = {}
-    for full_name, layer in model.named_modules():
-        if not isinstance(layer, TuckerLayer) or adapter_name not in layer.tucker_core:
-            continue
-        name = full_name.removeprefix("base_model.model.")
-        _check_exportable(name, layer)
-        with torch.no_grad():
-            lora_a, lora_b = _lora_pair(layer, adapter_name)
-            lora_b = lora_b * (layer.tucker_alpha[adapter_name] / layer.tucker_r_init[adapter_name])
+    for name, layer, lora_a, lora_b in _lora_pairs(model, adapter_name):
+        lora_b = lora_b * (layer.tucker_alpha[adapter_name] / layer.tucker_r_init[adapter_name])
         key = f"{prefix}.{name}" if prefix else name
         tensors[f"{key}.lora_A.weight"] = lora_a.detach().float().contiguous().cpu()
         tensors[f"{key}.lora_B.weight"] = lora_b.detach().float().contiguous().cpu()
