@@ -127,6 +127,17 @@ def _state_tensors(optimizer: torch.optim.Optimizer, core: torch.Tensor, keys: S
     return [state[key] for key in keys if torch.is_tensor(state.get(key)) and state[key].shape == core.shape]
 
 
+def _moments(optimizer: Any, param: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first- and second-moment state tensors of `param`; none (its state reset, with a warning) for an optimizer
+    whose state cannot follow rank changes."""
+    optimizer = unwrap_optimizer(optimizer)
+    keys = _state_keys(optimizer, param)
+    if keys is None:
+        _reset(optimizer, param)
+        return [], []
+    return _state_tensors(optimizer, param, keys[0]), _state_tensors(optimizer, param, keys[1])
+
+
 def state_after_augment(optimizer: Any, core: torch.Tensor, ranks: Sequence[int]) -> None:
     """Makes the state of `core` start the augmented entries at zero: zeros it outside the old active block.
 
@@ -135,12 +146,8 @@ def state_after_augment(optimizer: Any, core: torch.Tensor, ranks: Sequence[int]
         core (`torch.nn.Parameter`): the core at capacity (the key of its optimizer state).
         ranks (`Sequence[int]`): the active ranks before augmentation.
     """
-    optimizer = unwrap_optimizer(optimizer)
-    keys = _state_keys(optimizer, core)
-    if keys is None:
-        _reset(optimizer, core)
-        return
-    for tensor in _state_tensors(optimizer, core, keys[0] + keys[1]):
+    first, second = _moments(optimizer, core)
+    for tensor in first + second:
         zero_outside(tensor, ranks)
 
 
@@ -162,14 +169,10 @@ def state_after_truncate(
     state_after_truncate(optimizer, core, widths, rotations)
     ```
     """
-    optimizer = unwrap_optimizer(optimizer)
-    keys = _state_keys(optimizer, core)
-    if keys is None:
-        _reset(optimizer, core)
-        return
-    for tensor in _state_tensors(optimizer, core, keys[0]):
+    first, second = _moments(optimizer, core)
+    for tensor in first:
         rotate_first_moment(tensor, widths, rotations)
-    for tensor in _state_tensors(optimizer, core, keys[1]):
+    for tensor in second:
         rotate_second_moment(tensor, widths, rotations)
 
 
@@ -181,12 +184,8 @@ def basis_state_after_augment(optimizer: Any, basis: torch.Tensor, rank: int) ->
         basis (`torch.nn.Parameter`): one basis at capacity, `(n, cap)`.
         rank (`int`): the active rank before augmentation.
     """
-    optimizer = unwrap_optimizer(optimizer)
-    keys = _state_keys(optimizer, basis)
-    if keys is None:
-        _reset(optimizer, basis)
-        return
-    for tensor in _state_tensors(optimizer, basis, keys[0] + keys[1]):
+    first, second = _moments(optimizer, basis)
+    for tensor in first + second:
         zero_outside(tensor.T, [rank])
 
 
@@ -199,13 +198,9 @@ def basis_state_after_truncate(optimizer: Any, basis: torch.Tensor, width: int, 
         width (`int`): the active width before truncation.
         rotation (`torch.Tensor`): `P[:, :r]`, `(width, r)`, as returned by `rank_ops.truncate` for this mode.
     """
-    optimizer = unwrap_optimizer(optimizer)
-    keys = _state_keys(optimizer, basis)
-    if keys is None:
-        _reset(optimizer, basis)
-        return
+    first, second = _moments(optimizer, basis)
     # the columns of a basis are its mode 1: transform the transposed view, whose mode 0 they are
-    for tensor in _state_tensors(optimizer, basis, keys[0]):
+    for tensor in first:
         rotate_first_moment(tensor.T, [width], [rotation])
-    for tensor in _state_tensors(optimizer, basis, keys[1]):
+    for tensor in second:
         rotate_second_moment(tensor.T, [width], [rotation])
