@@ -255,25 +255,83 @@ def truncate(
     """
     widths = [int(w) for w in widths]
     _check_layout(core, bases, widths, "widths")
+    spectra = truncation_spectra(core, widths)
+    ranks = ranks_for_tolerance(spectra, widths, tau, r_min, r_max)
+    return ranks, apply_truncation(core, bases, widths, spectra, ranks)
+
+
+class Spectra:
+    """The HOSVD of one active core block: per adaptive mode the left singular vectors `rotations[i]`
+    (`width_i x width_i`, float64 CPU) and singular values `sigmas[i]` (descending), and `||C||_F`."""
+
+    def __init__(self, active: torch.Tensor, rotations: list[torch.Tensor], sigmas: list[torch.Tensor]) -> None:
+        self.active, self.rotations, self.sigmas = active, rotations, sigmas
+        self.norm = torch.linalg.vector_norm(active)
+
+    def tails(self, mode: int) -> torch.Tensor:
+        """`tails[r] = ||sigma[r:]||_2` for r = 0..width, summed from the smallest value up for accuracy."""
+        sigma = self.sigmas[mode]
+        return torch.cat([torch.cumsum(sigma.flip(0) ** 2, 0).flip(0).sqrt(), sigma.new_zeros(1)])
+
+
+@torch.no_grad()
+def truncation_spectra(core: torch.Tensor, widths: Sequence[int]) -> Spectra:
+    """Phase 1 of a truncation: the mode singular values and vectors of the active block `core[:w_0, :w_1, ...]`."""
+    widths = [int(w) for w in widths]
+    active = _small(core[_block(widths)])
+    rotations, sigmas = zip(*(_mode_svd(active, i) for i in range(len(widths)))) if widths else ((), ())
+    return Spectra(active, list(rotations), list(sigmas))
+
+
+def ranks_for_tolerance(
+    spectra: Spectra,
+    widths: Sequence[int],
+    tau: float,
+    r_min: int | Sequence[int],
+    r_max: int | Sequence[int],
+) -> list[int]:
+    """Phase 2 (tolerance rule): per mode the smallest r with `||sigma[r:]||_2 <= tau * ||C||_F`, clamped to
+    `[r_min, r_max]` and to the width."""
     if not 0.0 <= tau < 1.0:
         raise ValueError(f"`tau` must be in [0, 1); got {tau}")
-    r_min = _per_mode(r_min, len(bases), "r_min")
-    r_max = _per_mode(r_max, len(bases), "r_max")
+    r_min, r_max = check_bounds(r_min, r_max, len(widths))
+    threshold = tau * spectra.norm
+    return [
+        min(max(int((spectra.tails(i) > threshold).sum()), r_min[i]), r_max[i], int(width))
+        for i, width in enumerate(widths)
+    ]
+
+
+def check_bounds(r_min: int | Sequence[int], r_max: int | Sequence[int], n_modes: int) -> tuple[list[int], list[int]]:
+    """Per-mode `r_min`, `r_max`, checked (`r_min <= r_max`, both >= 0)."""
+    r_min = _per_mode(r_min, n_modes, "r_min")
+    r_max = _per_mode(r_max, n_modes, "r_max")
     for lo, hi in zip(r_min, r_max):
         if lo > hi:
             raise ValueError(f"`r_min` must be <= `r_max`; got r_min={r_min}, r_max={r_max}")
-    active = _small(core[_block(widths)])
-    threshold = tau * torch.linalg.vector_norm(active)
-    ranks, rotations = [], []
-    for i, width in enumerate(widths):
-        rotation, sigma = _mode_svd(active, i)
-        # tails[r] = ||sigma[r:]||_2, computed from the smallest value up for accuracy.
-        tails = torch.cat([torch.cumsum(sigma.flip(0) ** 2, 0).flip(0).sqrt(), sigma.new_zeros(1)])
-        rank = int((tails > threshold).sum())
-        rank = min(max(rank, r_min[i]), r_max[i], width)
-        ranks.append(rank)
-        rotations.append(rotation[:, :rank])
-    new_core = active
+    return r_min, r_max
+
+
+@torch.no_grad()
+def apply_truncation(
+    core: torch.Tensor,
+    bases: Sequence[torch.Tensor],
+    widths: Sequence[int],
+    spectra: Spectra,
+    ranks: Sequence[int],
+) -> list[torch.Tensor]:
+    """Phase 3 of a truncation: keeps the leading `ranks[i]` singular directions of every mode (in place).
+
+    `U_i <- U_i P_i[:, :r]` (re-orthonormalized, the small triangular factor absorbed into the core) and
+    `C <- C x_i P_i[:, :r]^T`; everything outside the new block is zeroed. Returns the rotations `P_i[:, :r_i]`
+    that the optimizer state must follow.
+    """
+    widths, ranks = [int(w) for w in widths], [int(r) for r in ranks]
+    for i, (width, rank) in enumerate(zip(widths, ranks)):
+        if not 0 <= rank <= width:
+            raise ValueError(f"`ranks[{i}]` must be in [0, {width}] (the width); got {rank}")
+    rotations = [rotation[:, :rank] for rotation, rank in zip(spectra.rotations, ranks)]
+    new_core = spectra.active
     for i, (basis, width, rank) in enumerate(zip(bases, widths, ranks)):
         dtype = _compute_dtype(basis)
         u, tri = _orthonormalize(basis[:, :width].to(dtype) @ rotations[i].to(basis.device, dtype))
@@ -282,7 +340,7 @@ def truncate(
         basis[:, :rank] = u.to(basis.dtype)
     core.zero_()
     core[_block(ranks)] = new_core.to(core.device, core.dtype)
-    return ranks, rotations
+    return rotations
 
 
 def _mode_svd(core: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
