@@ -35,7 +35,7 @@ from callbacks import AdaLoraAllocatorCallback, CompactProgressCallback, adalora
 from metrics import compute_metrics, predictions_from_logits
 from peft import AdaLoraConfig, LoraConfig, PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from tasks import TASKS, get_task, load_glue, take_subset
+from tasks import TASKS, get_task, held_out_rows, load_glue, take_rest, take_subset
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -101,6 +101,20 @@ class DataArguments:
         metadata={
             "help": "If > 0, hold out this fraction of the (subset) train set and evaluate there instead of on dev "
             "(for choosing hyperparameters without looking at dev)."
+        },
+    )
+    holdout_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "If set, evaluate on this many train rows from outside the --max_train_samples subset instead of "
+            "on dev: the run trains on exactly the rows it would otherwise, so a choice made here carries over."
+        },
+    )
+    holdout_min_words: int = field(
+        default=0,
+        metadata={
+            "help": "With --holdout_rows: draw them only from rows whose first sentence has at least this many words "
+            "(SST-2's train set is mostly short phrases, its dev set whole sentences)."
         },
     )
 
@@ -194,6 +208,18 @@ def check_args(data_args: DataArguments, adapter_args: AdapterArguments, trainin
         raise ValueError(f"`--method` must be one of {list(METHODS)}; got {adapter_args.method!r}")
     if not 0.0 <= data_args.holdout_fraction < 1.0:
         raise ValueError(f"`--holdout_fraction` must be in [0, 1); got {data_args.holdout_fraction}")
+    if data_args.holdout_rows is not None:
+        if data_args.holdout_fraction > 0:
+            raise ValueError(
+                "`--holdout_rows` and `--holdout_fraction` are two ways to hold rows out; give one; got "
+                f"{data_args.holdout_rows} and {data_args.holdout_fraction}"
+            )
+        if data_args.holdout_rows <= 0:
+            raise ValueError(f"`--holdout_rows` must be a positive integer; got {data_args.holdout_rows}")
+        if data_args.max_train_samples is None:
+            raise ValueError("`--holdout_rows` takes rows outside the --max_train_samples subset; set that too")
+    if data_args.holdout_min_words < 0:
+        raise ValueError(f"`--holdout_min_words` must be >= 0; got {data_args.holdout_min_words}")
     for name in ("adalora_tinit", "adalora_tfinal"):
         value = getattr(adapter_args, name)
         if not 0.0 <= value < 1.0:
@@ -411,6 +437,9 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.holdout_fraction > 0:
         split = train.train_test_split(test_size=data_args.holdout_fraction, seed=data_args.train_subset_seed)
         train, evals = split["train"], {"train_holdout": split["test"]}
+    elif data_args.holdout_rows is not None:
+        rest = take_rest(raw["train"], data_args.max_train_samples, data_args.train_subset_seed)
+        evals = {"train_holdout": held_out_rows(rest, data_args.holdout_rows, data_args.holdout_min_words)}
     else:
         evals = {name: raw[name] for name in task.eval_splits}
     if data_args.max_eval_samples is not None:

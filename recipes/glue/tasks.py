@@ -264,3 +264,20 @@ def take_subset(dataset: datasets.Dataset, num_samples: int | None, seed: int) -
     if num_samples <= 0:
         raise ValueError(f"`--max_train_samples` must be a positive integer; got {num_samples}")
     return dataset.shuffle(seed=seed).select(range(num_samples))
+
+
+def take_rest(dataset: datasets.Dataset, num_samples: int, seed: int) -> datasets.Dataset:
+    """The rows of `dataset` that `take_subset(dataset, num_samples, seed)` leaves out, in the same permutation."""
+    return dataset.shuffle(seed=seed).select(range(min(num_samples, len(dataset)), len(dataset)))
+
+
+def held_out_rows(rest: datasets.Dataset, num_rows: int, min_words: int = 0) -> datasets.Dataset:
+    """The first `num_rows` rows of `rest` whose first sentence has at least `min_words` words."""
+    if min_words > 0:
+        rest = rest.filter(lambda row: len(row["sentence1"].split()) >= min_words, desc="Held-out rows")
+    if len(rest) < num_rows:
+        raise ValueError(
+            f"`--holdout_rows` asks for {num_rows} rows outside the training subset with at least {min_words} words "
+            f"(`--holdout_min_words`); only {len(rest)} exist"
+        )
+    return rest.select(range(num_rows))

@@ -105,6 +105,9 @@ def test_every_task_config_parses(task: str, tmp_path: Path):
         ("--task", "sst-2", r"`--task` must be one of \[.*\]; got 'sst-2'"),
         ("--method", "dora", r"`--method` must be one of \['tucker', 'lora', 'adalora'\]; got 'dora'"),
         ("--holdout_fraction", "1.5", r"`--holdout_fraction` must be in \[0, 1\); got 1.5"),
+        ("--holdout_rows", "0", r"`--holdout_rows` must be a positive integer; got 0"),
+        ("--holdout_rows", "8", r"`--holdout_rows` takes rows outside the --max_train_samples subset"),
+        ("--holdout_min_words", "-1", r"`--holdout_min_words` must be >= 0; got -1"),
     ],
 )
 def test_bad_arguments_fail_early(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flag, value, message):
@@ -185,6 +188,23 @@ def test_holdout_evaluates_on_train_part(tiny_bert_dir: Path, glue_dir: Path, tm
     saved = main(base_args(tiny_bert_dir, glue_dir, out, "sst2", "lora", 2) + ["--holdout_fraction", "0.25"])
     assert saved["num_train_samples"] == 24 and saved["num_eval_samples"] == {"train_holdout": 8}
     assert saved["main_metric"]["split"] == "train_holdout"
+
+
+def test_holdout_rows_come_from_outside_the_training_subset(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    from tasks import held_out_rows, load_glue, take_rest, take_subset
+
+    raw = load_glue("sst2", glue_dir)["train"]
+    raw = raw.add_column("row", list(range(len(raw))))
+    subset, rest = take_subset(raw, 20, 42), take_rest(raw, 20, 42)
+    long_rows = held_out_rows(rest, 3, min_words=4)
+    assert len(subset) + len(rest) == len(raw)
+    assert not set(subset["row"]) & set(rest["row"]) and set(long_rows["row"]) <= set(rest["row"])
+    assert all(len(text.split()) >= 4 for text in long_rows["sentence1"])
+    with pytest.raises(ValueError, match=r"asks for 13 rows .* only 12 exist"):
+        held_out_rows(rest, 13)
+    extra = ["--max_train_samples", "20", "--holdout_rows", "8"]
+    saved = main(base_args(tiny_bert_dir, glue_dir, tmp_path / "rest", "sst2", "lora", 2) + extra)
+    assert saved["num_train_samples"] == 20 and saved["num_eval_samples"] == {"train_holdout": 8}
 
 
 @needs_tucker
