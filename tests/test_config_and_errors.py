@@ -29,6 +29,8 @@ from tucker_lora import TuckerAdapterConfig
         ({"core_steps": 0}, r"`core_steps` must be an integer >= 1; got 0"),
         ({"augment_start_step": -1}, r"`augment_start_step` must be an integer >= 0; got -1"),
         ({"freeze_ranks_after": 1.5}, r"`freeze_ranks_after` as a fraction must be in \(0, 1\]; got 1.5"),
+        ({"tau_warmup": 1.5}, r"`tau_warmup` as a fraction must be in \(0, 1\]; got 1.5"),
+        ({"tau_warmup": -3}, r"`tau_warmup` must be an integer >= 0; got -3"),
         ({"rank_pattern": {"lin0": 99}}, r"`rank_pattern\[.lin0.\]` must hold integers in \[1, 2 \* r_max=32\]; got"),
     ],
 )

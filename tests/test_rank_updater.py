@@ -218,6 +218,21 @@ def test_freeze_ranks_after_stops_cycles():
     assert TuckerRankUpdater(model, opt, total_steps=8).groups[0].freeze_step(8) == 4
 
 
+def test_tau_warmup_ramps_the_tolerance_and_keeps_more_directions_early():
+    model, opt = make(augment_start_step=1, core_steps=1, tau=0.4, tau_warmup=0.5)
+    group = TuckerRankUpdater(model, opt, total_steps=20).groups[0]
+    assert [group.tau(n, 20) for n in (1, 5, 10, 11, 20)] == pytest.approx([0.04, 0.2, 0.4, 0.4, 0.4])
+    with pytest.raises(ValueError, match="total_steps"):
+        TuckerRankUpdater(*make(tau_warmup=0.5))
+    ranks = {}
+    for warmup in (None, 12):
+        model, opt = make(augment_start_step=1, core_steps=1, tau=0.4, tau_warmup=warmup)
+        record: list = []
+        train(model, opt, TuckerRankUpdater(model, opt), 6, record=record)
+        ranks[warmup] = [sum(sum(r) for r in step) for step in record[1::2]]  # after each truncation
+    assert all(w >= p for w, p in zip(ranks[12], ranks[None])) and ranks[12] != ranks[None]
+
+
 def test_metrics_report_settled_ranks_and_active_parameters():
     model, opt = make(augment_start_step=2, core_steps=3)
     updater = TuckerRankUpdater(model, opt)

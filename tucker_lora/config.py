@@ -57,6 +57,9 @@ class TuckerAdapterConfig(PeftConfig):
             zero first: a zero core has zero basis gradients). The final error was insensitive from 1 to 30.
         freeze_ranks_after (`int | float`, *optional*): stop adapting ranks after this many optimizer steps (int)
             or this fraction of the run (float in (0, 1]); `None` adapts until the end.
+        tau_warmup (`int | float`, *optional*): the truncation tolerance ramps linearly from 0 to `tau` over this
+            many optimizer steps (int) or this fraction of the run (float in (0, 1]), so that directions which have
+            not had time to learn are not judged against the ones that have; `None` truncates at `tau` throughout.
         train_bases (`bool`): `True` lets the optimizer step the active basis columns on every step, as LoRA's A and
             B, and makes them orthonormal again (QR, the triangular factor absorbed into the core) before every
             augmentation and truncation; `False` changes the bases only by augmentation and truncation.
@@ -94,6 +97,9 @@ class TuckerAdapterConfig(PeftConfig):
         default=None, metadata={"help": "Freeze ranks after this step (int) or fraction of the run (float)."}
     )
 
+    tau_warmup: int | float | None = field(
+        default=None, metadata={"help": "Steps (int) or fraction of the run (float) over which tau ramps up from 0."}
+    )
     train_bases: bool = field(
         default=True, metadata={"help": "The optimizer steps the bases too; re-orthonormalized at cycle events."}
     )
@@ -136,6 +142,11 @@ class TuckerAdapterConfig(PeftConfig):
             raise ValueError(f"`freeze_ranks_after` as a fraction must be in (0, 1]; got {freeze!r}.")
         if freeze is not None and not isinstance(freeze, float):
             _check_int("freeze_ranks_after", freeze, 0)
+        warmup = self.tau_warmup
+        if isinstance(warmup, float) and not 0.0 < warmup <= 1.0:
+            raise ValueError(f"`tau_warmup` as a fraction must be in (0, 1]; got {warmup!r}.")
+        if warmup is not None and not isinstance(warmup, float):
+            _check_int("tau_warmup", warmup, 0)
         if not isinstance(self.rank_pattern, dict):
             raise ValueError(f"`rank_pattern` must be a dict of module name -> ranks; got {self.rank_pattern!r}.")
         for key, ranks in self.rank_pattern.items():

@@ -77,18 +77,29 @@ class _Group:
         # whether the latest cycle event of this updater was an augmentation; None: none yet (e.g. after a resume)
         self.augmented: bool | None = None
 
-    def freeze_step(self, total_steps: int | None) -> int | None:
-        freeze = self.config.freeze_ranks_after
-        if freeze is None:
+    def _steps(self, field: str, total_steps: int | None) -> int | None:
+        """A schedule setting (`freeze_ranks_after`, `tau_warmup`) in optimizer steps."""
+        value = getattr(self.config, field)
+        if value is None:
             return None
-        if isinstance(freeze, float):
+        if isinstance(value, float):
             if total_steps is None or total_steps <= 0:
                 raise ValueError(
-                    f"`freeze_ranks_after={freeze}` is a fraction of the run; pass `total_steps` to TuckerRankUpdater "
+                    f"`{field}={value}` is a fraction of the run; pass `total_steps` to TuckerRankUpdater "
                     "(TuckerRankCallback takes it from the Trainer)."
                 )
-            return math.ceil(freeze * total_steps)
-        return int(freeze)
+            return math.ceil(value * total_steps)
+        return int(value)
+
+    def freeze_step(self, total_steps: int | None) -> int | None:
+        return self._steps("freeze_ranks_after", total_steps)
+
+    def tau(self, n: int, total_steps: int | None) -> float:
+        """The truncation tolerance at the end of optimizer step `n`: `tau`, ramped from 0 over `tau_warmup`."""
+        warmup = self._steps("tau_warmup", total_steps)
+        if not warmup:
+            return self.config.tau
+        return self.config.tau * min(1.0, n / warmup)
 
     def action(self, n: int, total_steps: int | None) -> str | None:
         """What ends optimizer step `n` (counted from 1): "augment", "truncate" or nothing."""
@@ -163,7 +174,8 @@ class TuckerRankUpdater:
         self._basis_grads: dict[int, list[torch.Tensor | None]] = {}
         self.groups = self._find_groups(adapter_names)
         for group in self.groups:
-            group.freeze_step(total_steps)  # a fraction without total_steps fails here, not mid-training
+            # a fraction without total_steps fails here, not mid-training
+            group.freeze_step(total_steps), group.tau(1, total_steps)
             for _, layer in group.layers:
                 _UPDATED_LAYERS.add(layer)
         check_optimizer_holds_cores(self)
@@ -287,11 +299,12 @@ class TuckerRankUpdater:
     def _truncate(self, group: _Group) -> None:
         if group.config.train_bases:
             self._retract(group)
+        tau = group.tau(self.step + 1, self.total_steps)
         for module, layer in group.layers:
             core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
             widths = layer.active_ranks(group.name)
             r_min, r_max = self._bounds(group, layer)
-            ranks, rotations = truncate(core.data, [b.data for b in bases], widths, group.config.tau, r_min, r_max)
+            ranks, rotations = truncate(core.data, [b.data for b in bases], widths, tau, r_min, r_max)
             if self.optimizer is not None:
                 state_after_truncate(self.optimizer, core, widths, rotations)
                 if group.config.train_bases:

@@ -142,6 +142,10 @@ class AdapterArguments:
         default=None,
         metadata={"help": "Tucker: stop rank updates after this many steps (>= 1) or this fraction (< 1)."},
     )
+    tau_warmup: float | None = field(
+        default=None,
+        metadata={"help": "Tucker: tau ramps up from 0 over this many steps (>= 1) or this fraction (< 1)."},
+    )
     adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA: target average rank."})
     adalora_tinit: float = field(
         default=0.1, metadata={"help": "AdaLoRA: warmup before allocation, fraction of steps."}
@@ -265,6 +269,9 @@ def build_adapter(
         freeze = adapter_args.freeze_ranks_after
         if freeze is not None and freeze >= 1:
             freeze = int(freeze)
+        warmup = adapter_args.tau_warmup
+        if warmup is not None and warmup >= 1:
+            warmup = int(warmup)
         config = tucker_lora.TuckerAdapterConfig(
             **common,
             r=adapter_args.rank,
@@ -276,6 +283,7 @@ def build_adapter(
             core_steps=adapter_args.core_steps,
             augment_start_step=adapter_args.augment_start_step,
             freeze_ranks_after=freeze,
+            tau_warmup=warmup,
             train_bases=adapter_args.train_bases,
         )
         return config, [tucker_lora.TuckerRankCallback()]
