@@ -142,6 +142,9 @@ class AdapterArguments:
         default=None,
         metadata={"help": "Tucker: stop rank updates after this many steps (>= 1) or this fraction (< 1)."},
     )
+    core_lr_ratio: float = field(
+        default=1.0, metadata={"help": "Tucker: the cores' learning rate over --learning_rate (a group of its own)."}
+    )
     tau_warmup: float | None = field(
         default=None,
         metadata={"help": "Tucker: tau ramps up from 0 over this many steps (>= 1) or this fraction (< 1)."},
@@ -222,6 +225,8 @@ def check_args(data_args: DataArguments, adapter_args: AdapterArguments, trainin
             raise ValueError(f"`--holdout_rows` must be a positive integer; got {data_args.holdout_rows}")
         if data_args.max_train_samples is None:
             raise ValueError("`--holdout_rows` takes rows outside the --max_train_samples subset; set that too")
+    if not 0 < adapter_args.core_lr_ratio < math.inf:
+        raise ValueError(f"`--core_lr_ratio` must be a finite number > 0; got {adapter_args.core_lr_ratio}")
     if data_args.holdout_min_words < 0:
         raise ValueError(f"`--holdout_min_words` must be >= 0; got {data_args.holdout_min_words}")
     for name in ("adalora_tinit", "adalora_tfinal"):
@@ -429,6 +434,26 @@ def gather_across_processes(value: object) -> list[object]:
     return gathered
 
 
+class GlueTrainer(Trainer):
+    """Trainer's AdamW, with the Tucker cores in parameter groups of their own at `core_lr_ratio` times the rate."""
+
+    def __init__(self, *args, core_lr_ratio: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.core_lr_ratio = core_lr_ratio
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if fresh and self.core_lr_ratio != 1.0:
+            cores = {id(p) for n, p in self.model.named_parameters() if ".tucker_core." in n}
+            for group in list(optimizer.param_groups):
+                moved = [p for p in group["params"] if id(p) in cores]
+                if moved:
+                    group["params"] = [p for p in group["params"] if id(p) not in cores]
+                    optimizer.add_param_group({**group, "params": moved, "lr": group["lr"] * self.core_lr_ratio})
+        return optimizer
+
+
 def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     model_args, data_args, adapter_args, training_args = parse_args(argv)
@@ -488,7 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         return compute_metrics(task.name, predictions_from_logits(task.name, logits), prediction.label_ids)
 
-    trainer = Trainer(
+    trainer = GlueTrainer(
+        core_lr_ratio=adapter_args.core_lr_ratio if adapter_args.method == "tucker" else 1.0,
         model=model,
         args=training_args,
         train_dataset=train,

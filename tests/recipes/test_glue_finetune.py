@@ -108,6 +108,7 @@ def test_every_task_config_parses(task: str, tmp_path: Path):
         ("--holdout_rows", "0", r"`--holdout_rows` must be a positive integer; got 0"),
         ("--holdout_rows", "8", r"`--holdout_rows` takes rows outside the --max_train_samples subset"),
         ("--holdout_min_words", "-1", r"`--holdout_min_words` must be >= 0; got -1"),
+        ("--core_lr_ratio", "0", r"`--core_lr_ratio` must be a finite number > 0; got 0.0"),
     ],
 )
 def test_bad_arguments_fail_early(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path, flag, value, message):
@@ -205,6 +206,30 @@ def test_holdout_rows_come_from_outside_the_training_subset(tiny_bert_dir: Path,
     extra = ["--max_train_samples", "20", "--holdout_rows", "8"]
     saved = main(base_args(tiny_bert_dir, glue_dir, tmp_path / "rest", "sst2", "lora", 2) + extra)
     assert saved["num_train_samples"] == 20 and saved["num_eval_samples"] == {"train_holdout": 8}
+
+
+@needs_tucker
+def test_core_lr_ratio_gives_the_cores_a_group_of_their_own(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    import finetune
+
+    seen = {}
+    original = finetune.GlueTrainer.create_optimizer
+
+    def spy(self, model=None):
+        optimizer = original(self, model)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        seen.update({names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]})
+        return optimizer
+
+    finetune.GlueTrainer.create_optimizer = spy
+    try:
+        main(base_args(tiny_bert_dir, glue_dir, tmp_path / "ratio", "sst2", "tucker", 2) + ["--core_lr_ratio", "4"])
+    finally:
+        finetune.GlueTrainer.create_optimizer = original
+    cores = [lr for n, lr in seen.items() if ".tucker_core." in n]
+    others = [lr for n, lr in seen.items() if ".tucker_core." not in n]
+    assert cores and others
+    assert cores == pytest.approx([2e-2] * len(cores)) and others == pytest.approx([5e-3] * len(others))
 
 
 @needs_tucker
