@@ -49,12 +49,12 @@ class CheckIdentical(TrainerCallback):
         self.ranks.append([int(v) for k, v in adapter_state(model).items() if k.endswith(".ranks") for v in v])
 
 
-def perturbed(truncate):
-    def wrapper(core, bases, widths, tau, r_min, r_max):
-        ranks, rotations = truncate(core, bases, widths, tau, r_min, r_max)
+def perturbed(apply_truncation):
+    def wrapper(core, bases, widths, spectra, ranks):
+        rotations = apply_truncation(core, bases, widths, spectra, ranks)
         block = tuple(slice(0, r) for r in ranks)
         core[block] += 1e-4 * torch.randn(core[block].shape)
-        return ranks, rotations
+        return rotations
 
     return wrapper
 
@@ -63,7 +63,7 @@ def main() -> None:
     output_dir = sys.argv[1]
     rank = int(os.environ["RANK"])
     if rank == 1:
-        rank_updater.truncate = perturbed(rank_updater.truncate)
+        rank_updater.apply_truncation = perturbed(rank_updater.apply_truncation)
     model = tucker_model(core_steps=2, augment_start_step=2, r=2, r_max=4, tau=0.1)
     checker = CheckIdentical()
     args = training_args(
