@@ -232,3 +232,14 @@ def test_a_budget_below_the_smallest_adapter_names_the_smallest_feasible_budget(
     with pytest.raises(ValueError, match=rf"must be >= {SMALLEST}, the smallest feasible budget .*got {SMALLEST - 1}"):
         TuckerRankUpdater(tucker_model(param_budget=SMALLEST - 1))
     TuckerRankUpdater(tucker_model(param_budget=SMALLEST))  # exactly the smallest is feasible
+
+
+@pytest.mark.parametrize("freeze", [None, 9, 0.5])
+def test_last_truncation_follows_the_schedule(freeze):
+    model = tucker_model(augment_start_step=2, core_steps=2, freeze_ranks_after=freeze)
+    updater = TuckerRankUpdater(model, total_steps=20)
+    group = updater.groups[0]
+    truncating = [n for n in range(1, 31) if group.action(n, 20) == "truncate"]
+    for n in range(1, 31):
+        expected = max((t for t in truncating if t <= n), default=None)
+        assert group.last_truncation(n, 20) == expected, n

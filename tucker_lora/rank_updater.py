@@ -77,7 +77,7 @@ class _Group:
         self.settled = {module: layer.active_ranks(name) for module, layer in layers}
         # whether the latest cycle event of this updater was an augmentation; None: none yet (e.g. after a resume)
         self.augmented: bool | None = None
-        self.applied_budget: int | None = None  # the parameter budget of the latest truncation
+        self.applied_budget: int | None = None  # the parameter budget of this updater's latest truncation
 
     def ramp_steps(self, total_steps: int | None) -> int | None:
         ramp = self.config.budget_ramp
@@ -113,6 +113,19 @@ class _Group:
         if freeze is not None and cycle_start >= freeze:
             return None
         return "augment" if offset == 0 else "truncate" if offset == self.core_steps else None
+
+    def last_truncation(self, n: int, total_steps: int | None) -> int | None:
+        """The latest step `<= n` that the schedule ends with a truncation; `None` before the first."""
+        period, first = self.core_steps + 1, self.start + self.core_steps
+        if n < first:
+            return None
+        last = n - (n - first) % period
+        freeze = self.freeze_step(total_steps)
+        if freeze is not None and last - self.core_steps >= freeze:  # that cycle never started: the one before
+            if freeze <= self.start:
+                return None
+            last = self.start + (freeze - 1 - self.start) // period * period + self.core_steps
+        return last
 
     def mid_cycle(self, n: int, total_steps: int | None) -> bool:
         """Whether the adapter is augmented and not yet truncated after `n` completed steps."""
@@ -363,6 +376,13 @@ class TuckerRankUpdater:
         ceiling = self._count_at_bound(group, "r_max")
         return budget_at_step(group.config.param_budget, ceiling, step, group.ramp_steps(self.total_steps))
 
+    def _settled_budget(self, group: _Group) -> int | None:
+        """The budget that the settled ranks were cut to: this updater's latest truncation's, else (after a resume,
+        or before any truncation) the schedule's at its latest truncation step."""
+        if group.applied_budget is not None:
+            return group.applied_budget
+        return self.budget(group, group.last_truncation(self.step, self.total_steps) or 0)
+
     def _fit_budget(self, group: _Group, spectra: list, ranks: list[list[int]]) -> list[list[int]]:
         # the step this truncation ends (in finalize, one past the last step: the ramp is over or nearly)
         budget = self.budget(group, self.step + 1)
@@ -409,7 +429,7 @@ class TuckerRankUpdater:
                     metrics[f"tucker_rank/{prefix}{module}/{MODE_NAMES[mode]}"] = rank
                 active += layer.active_parameter_count(group.name, ranks)
         metrics["tucker_active_params"] = active
-        budgets = [group.applied_budget or self.budget(group, self.step) for group in self.groups]
+        budgets = [self._settled_budget(group) for group in self.groups]
         if all(b is not None for b in budgets):
             metrics["tucker_param_budget"] = sum(budgets)
         return metrics
