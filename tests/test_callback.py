@@ -14,7 +14,7 @@ from tests.tolerances import tol
 from tucker_lora import TuckerLayer
 from tucker_lora import rank_updater as rank_updater_module
 from tucker_lora.callback import TuckerRankCallback
-from tucker_lora.plotting import plot_ranks, rank_series
+from tucker_lora.plotting import budget_series, plot_ranks, rank_series
 from tucker_lora.rank_updater import watch_rank_updates
 
 
@@ -182,3 +182,28 @@ def test_attach_puts_the_rank_metrics_before_the_loggers(tmp_path):
     assert isinstance(trainer.callback_handler.callbacks[0], TuckerRankCallback)
     trainer.train()
     assert {"tucker_rank/inp/out", "tucker_active_params"} <= logger.keys
+
+
+def test_plot_ranks_draws_the_budget_over_the_active_parameters(tmp_path, monkeypatch):
+    model = tucker_model(tau=0.01, param_budget=110, budget_ramp=0.5)
+    trainer = Trainer(model=model, args=training_args(str(tmp_path)), train_dataset=dataset(),
+                      callbacks=[TuckerRankCallback()])  # fmt: skip
+    trainer.train()
+    budget = budget_series(trainer.state.log_history)
+    assert budget[0][1] > 110 and budget[-1][1] == 110  # the ramp, then the budget
+    import matplotlib.figure
+
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig) or save(fig, *a, **k)
+    )
+    png = plot_ranks(trainer.state.log_history, tmp_path / "ranks.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bottom = drawn[0].axes[1]
+    lines = {line.get_label(): line for line in bottom.get_lines()}
+    assert list(lines["param_budget"].get_ydata()) == [value for _, value in budget]
+    assert lines["param_budget"].get_linestyle() == "--"
+    # from the first truncation (step 4) on, the active count is under the budget line at every logged step
+    active = dict(zip(lines["active"].get_xdata(), lines["active"].get_ydata()))
+    assert all(active[step] <= value for step, value in budget if step >= 4)
