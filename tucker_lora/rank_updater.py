@@ -140,11 +140,13 @@ class TuckerRankUpdater:
     """
     Runs the rank-adaptive cycle (augment, `core_steps` Galerkin steps, truncate) of every Tucker adapter of a model.
 
-    The cycle settings (`tau`, `r_min`, `r_max`, `core_steps`, `augment_start_step`, `freeze_ranks_after`) are read
-    from `model.peft_config[adapter_name]`. Call `before_step()` between `backward()` (and gradient clipping) and
-    `optimizer.step()`, `after_step()` right after `optimizer.step()`, once per optimizer step (not per micro-batch),
-    and `finalize()` at the end of training. Under DDP (`torch.distributed` initialized with several processes),
-    every cycle ends with the adapter tensors, ranks and the cores' optimizer state of process 0 broadcast to all.
+    The cycle settings (`tau`, `r_min`, `r_max`, `core_steps`, `augment_start_step`, `freeze_ranks_after`,
+    `param_budget`, `budget_ramp`) are read from `model.peft_config[adapter_name]`; with a `param_budget`, every
+    truncation allocates the ranks over all layers of the adapter (`tucker_lora.budget`). Call `before_step()`
+    between `backward()` (and gradient clipping) and `optimizer.step()`, `after_step()` right after
+    `optimizer.step()`, once per optimizer step (not per micro-batch), and `finalize()` at the end of training.
+    Under DDP (`torch.distributed` initialized with several processes), every cycle ends with the adapter tensors,
+    ranks and the cores' optimizer state of process 0 broadcast to all.
 
     Args:
         model (`nn.Module`): a `PeftModel`, or a model with Tucker adapters added (`add_adapter`), possibly wrapped in
@@ -154,7 +156,11 @@ class TuckerRankUpdater:
         adapter_names (`str` or `list[str]`, *optional*): the adapters to update; defaults to every Tucker adapter
             whose cores are trainable.
         total_steps (`int`, *optional*): the number of optimizer steps of the run, needed when `freeze_ranks_after`
-            is a fraction.
+            or `budget_ramp` is a fraction.
+
+    Raises:
+        `ValueError`: among others, when a `param_budget` is below the smallest feasible budget (every mode of every
+            adapted layer at `r_min`), naming it.
 
     Example:
 
