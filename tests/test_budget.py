@@ -243,3 +243,30 @@ def test_last_truncation_follows_the_schedule(freeze):
     for n in range(1, 31):
         expected = max((t for t in truncating if t <= n), default=None)
         assert group.last_truncation(n, 20) == expected, n
+
+
+def test_budget_holds_for_a_conv_with_adaptive_spatial_modes():
+    """Four adaptive modes (out, in, kh, kw): moves over every set of modes; the budget holds at every truncation."""
+    from tests.toy_models import ConvNet
+
+    torch.manual_seed(0)
+    config = TuckerAdapterConfig(r=3, r_max=4, tau=0.01, target_modules=["conv0"], conv_modes="all", core_steps=2,
+                                 augment_start_step=2, param_budget=120)  # fmt: skip
+    model = get_peft_model(ConvNet(kernel_size=3, padding=1), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    updater = TuckerRankUpdater(model, optimizer)
+    layer = next(m for m in model.modules() if isinstance(m, TuckerLayer))
+    assert len(layer.active_ranks("default")) == 4 and count(model) > 120  # starts above the budget
+    gen = torch.Generator().manual_seed(1)
+    seen = []
+    for step in range(1, 13):
+        x, target = torch.randn(4, 4, 6, 6, generator=gen), torch.randn(4, 3, generator=gen)
+        ((model(x) - target) ** 2).mean().backward()
+        updater.before_step()
+        optimizer.step()
+        action = updater.groups[0].action(step, None)
+        updater.after_step()
+        optimizer.zero_grad()
+        if action == "truncate":
+            seen.append(count(model))
+    assert len(seen) == 3 and all(c <= 120 for c in seen), seen
