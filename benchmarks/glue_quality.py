@@ -262,6 +262,10 @@ def eval_stage(
             "active_trainable_parameters": metrics["active_trainable_parameters"],
             "trainable_parameters": metrics["trainable_parameters"],
             "lora_r8_parameters": metrics["lora_r8_parameters"], "final_ranks": metrics["final_ranks"],
+            # adapter-only counts, which a parameter budget bounds (runs of older recipes lack them)
+            "param_budget": metrics.get("param_budget"),
+            "active_adapter_parameters": metrics.get("active_adapter_parameters"),
+            "lora_r8_adapter_parameters": metrics.get("lora_r8_adapter_parameters"),
             "wall_time_s": metrics["wall_time_s"], "train_time_s": metrics["train_time_s"],
             "versions": metrics["versions"], "family": family(preset, method),
             "output_dir": str(run_dir[(task, method, seed)]),
@@ -282,6 +286,10 @@ def aggregate(runs: list[dict], preset: dict) -> dict:
             "lora_r8_parameters": cell[0]["lora_r8_parameters"],
             "wall_time_s": summarize([r["wall_time_s"] for r in cell]),
         }  # fmt: skip
+        if all(r.get("lora_r8_adapter_parameters") for r in cell):
+            table[f"{task}/{method}"]["adapter_fraction_of_lora_r8"] = statistics.fmean(
+                r["active_adapter_parameters"] / r["lora_r8_adapter_parameters"] for r in cell
+            )
     overall = {}
     for method in preset["methods"]:
         cells = [c for c in table.values() if c["method"] == method]
@@ -292,6 +300,10 @@ def aggregate(runs: list[dict], preset: dict) -> dict:
                     c["active_trainable_parameters"]["mean"] / c["lora_r8_parameters"] for c in cells
                 ),
             }
+            if all("adapter_fraction_of_lora_r8" in c for c in cells):
+                overall[method]["adapter_fraction_of_lora_r8"] = statistics.fmean(
+                    c["adapter_fraction_of_lora_r8"] for c in cells
+                )
     goal = None
     if {"tucker", "lora", "adalora"} <= set(overall):
         t = overall["tucker"]
@@ -327,9 +339,14 @@ def markdown(record: dict) -> str:
         lines += ["", f"![score against parameters]({record['figure']})"]
     if record.get("loss_figure"):
         lines += ["", f"![training loss]({record['loss_figure']})"]
-    lines += ["", "| method | mean score over tasks | active params / LoRA r=8 |", "|---|---|---|"]
+    header = "| method | mean score over tasks | active params / LoRA r=8 | adapter only (no head) / LoRA r=8's |"
+    lines += ["", header, "|---|---|---|---|"]
     for method, o in record["summary"]["overall"].items():
-        lines.append(f"| {method} | {100 * o['mean_score']:.2f} | {100 * o['active_fraction_of_lora_r8']:.0f}% |")
+        adapter = o.get("adapter_fraction_of_lora_r8")
+        adapter = "-" if adapter is None else f"{100 * adapter:.1f}%"
+        lines.append(
+            f"| {method} | {100 * o['mean_score']:.2f} | {100 * o['active_fraction_of_lora_r8']:.0f}% | {adapter} |"
+        )
     if record["summary"]["goal"] is not None:
         lines += ["", f"Goal check: {record['summary']['goal']}"]
     selection = record.get("selection")

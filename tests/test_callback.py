@@ -14,7 +14,7 @@ from tests.tolerances import tol
 from tucker_lora import TuckerLayer
 from tucker_lora import rank_updater as rank_updater_module
 from tucker_lora.callback import TuckerRankCallback
-from tucker_lora.plotting import plot_ranks, rank_series
+from tucker_lora.plotting import budget_series, plot_ranks, rank_series
 from tucker_lora.rank_updater import watch_rank_updates
 
 
@@ -88,24 +88,38 @@ def test_training_ends_on_a_truncated_adapter(tmp_path):
     assert all(max(layer.active_ranks("default")) <= 3 for layer in layers(model))
 
 
-def test_resume_after_rank_changes_matches_a_straight_run(tmp_path):
-    """16 steps straight vs 8 steps + resume_from_checkpoint for 8 more (checkpoint mid-cycle): same ranks and
-    tensors within float32 tolerance."""
-    straight = tucker_model(core_steps=3)
+@pytest.mark.parametrize("budget", [{}, {"tau": 0.01, "param_budget": 110, "budget_ramp": 1.0}])
+def test_resume_after_rank_changes_matches_a_straight_run(tmp_path, budget):
+    """16 steps straight vs 7 steps + resume_from_checkpoint for 9 more (checkpoint mid-cycle): same ranks and
+        tensors within float32 tolerance; with a parameter budget reached at the end of the run too (the checkpoint is
+    mid-ramp)."""
+    straight = tucker_model(core_steps=3, **budget)
     trainer = Trainer(model=straight, args=training_args(str(tmp_path / "a"), max_steps=16), train_dataset=dataset(),
                       callbacks=[TuckerRankCallback()])  # fmt: skip
     trainer.train()
     expected = adapter_state(straight, trainer.optimizer)
+    straight_logs = {e["step"]: e for e in trainer.state.log_history if "tucker_active_params" in e}
 
-    first = tucker_model(core_steps=3)
-    args = training_args(str(tmp_path / "b"), max_steps=16, save_strategy="steps", save_steps=8)
+    first = tucker_model(core_steps=3, **budget)
+    args = training_args(str(tmp_path / "b"), max_steps=16, save_strategy="steps", save_steps=7)
     Trainer(model=first, args=args, train_dataset=dataset(), callbacks=[TuckerRankCallback()]).train()
-    resumed = tucker_model(core_steps=3)
+    resumed = tucker_model(core_steps=3, **budget)
     trainer = Trainer(model=resumed, args=args, train_dataset=dataset(), callbacks=[TuckerRankCallback()])
-    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-8"))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-7"))
     got = adapter_state(resumed, trainer.optimizer)
+    if budget:  # the budget schedule and the parameters it let through continue as in the straight run
+        # The resumed history starts with the checkpoint's steps 1-7; step 8 logs before the next truncation (at
+        # 9), with the budget of the one at step 5 but the augmented ranks, as any resume mid-cycle.
+        logged = {e["step"]: e for e in trainer.state.log_history if "tucker_active_params" in e}
+        assert sorted(logged) == list(range(1, 17))
+        for step in range(8, 17):
+            assert logged[step]["tucker_param_budget"] == straight_logs[step]["tucker_param_budget"], step
+        for step in range(9, 17):
+            active = logged[step]["tucker_active_params"]
+            assert active == straight_logs[step]["tucker_active_params"] <= logged[step]["tucker_param_budget"]
+        assert logged[9]["tucker_param_budget"] > logged[13]["tucker_param_budget"] > 110  # mid-ramp
     # the checkpoint's trainer_state.json holds the rank logs that plot_ranks reads
-    assert plot_ranks(tmp_path / "b" / "checkpoint-8", tmp_path / "ranks.png").stat().st_size > 5000
+    assert plot_ranks(tmp_path / "b" / "checkpoint-7", tmp_path / "ranks.png").stat().st_size > 5000
     assert set(got) == set(expected)
     for key, value in expected.items():
         if key.endswith(".ranks"):
@@ -168,3 +182,28 @@ def test_attach_puts_the_rank_metrics_before_the_loggers(tmp_path):
     assert isinstance(trainer.callback_handler.callbacks[0], TuckerRankCallback)
     trainer.train()
     assert {"tucker_rank/inp/out", "tucker_active_params"} <= logger.keys
+
+
+def test_plot_ranks_draws_the_budget_over_the_active_parameters(tmp_path, monkeypatch):
+    model = tucker_model(tau=0.01, param_budget=110, budget_ramp=0.5)
+    trainer = Trainer(model=model, args=training_args(str(tmp_path)), train_dataset=dataset(),
+                      callbacks=[TuckerRankCallback()])  # fmt: skip
+    trainer.train()
+    budget = budget_series(trainer.state.log_history)
+    assert budget[0][1] > 110 and budget[-1][1] == 110  # the ramp, then the budget
+    import matplotlib.figure
+
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig) or save(fig, *a, **k)
+    )
+    png = plot_ranks(trainer.state.log_history, tmp_path / "ranks.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bottom = drawn[0].axes[1]
+    lines = {line.get_label(): line for line in bottom.get_lines()}
+    assert list(lines["param_budget"].get_ydata()) == [value for _, value in budget]
+    assert lines["param_budget"].get_linestyle() == "--"
+    # from the first truncation (step 4) on, the active count is under the budget line at every logged step
+    active = dict(zip(lines["active"].get_xdata(), lines["active"].get_ydata()))
+    assert all(active[step] <= value for step, value in budget if step >= 4)

@@ -60,6 +60,16 @@ class TuckerAdapterConfig(PeftConfig):
         tau_warmup (`int | float`, *optional*): the truncation tolerance ramps linearly from 0 to `tau` over this
             many optimizer steps (int) or this fraction of the run (float in (0, 1]), so that directions which have
             not had time to learn are not judged against the ones that have; `None` truncates at `tau` throughout.
+        param_budget (`int`, *optional*): the most active parameters (core entries and basis columns of every
+            adapted layer; `modules_to_save` not included) the adapter may keep after any truncation. Each truncation
+            then keeps, over all layers and modes together, the directions that carry the most energy of `s * dW`
+            per parameter (see `docs/training.md`). `tau` still applies: the stricter of the two wins, so set a small
+            `tau` (e.g. 0.01) to let the budget alone decide. Budgets below the adapter at `r_min` everywhere are
+            rejected when `TuckerRankUpdater` is built (that size depends on the model). `None`: no budget.
+        budget_ramp (`int | float`, *optional*): reach `param_budget` gradually: over the first `budget_ramp`
+            optimizer steps (int) or this fraction of the run (float in (0, 1]), the budget falls from the adapter's
+            size at `r_max` everywhere to `param_budget` along AdaLoRA's cubic curve. `None` (default): the full
+            budget applies from the first truncation.
         train_bases (`bool`): `True` lets the optimizer step the active basis columns on every step, as LoRA's A and
             B, and makes them orthonormal again (QR, the triangular factor absorbed into the core) before every
             augmentation and truncation; `False` changes the bases only by augmentation and truncation.
@@ -99,6 +109,12 @@ class TuckerAdapterConfig(PeftConfig):
 
     tau_warmup: int | float | None = field(
         default=None, metadata={"help": "Steps (int) or fraction of the run (float) over which tau ramps up from 0."}
+    )
+    param_budget: int | None = field(
+        default=None, metadata={"help": "Most active adapter parameters after a truncation; None: tau alone."}
+    )
+    budget_ramp: int | float | None = field(
+        default=None, metadata={"help": "Steps (int) or run fraction (float) to reach param_budget; None: at once."}
     )
     train_bases: bool = field(
         default=True, metadata={"help": "The optimizer steps the bases too; re-orthonormalized at cycle events."}
@@ -147,6 +163,16 @@ class TuckerAdapterConfig(PeftConfig):
             raise ValueError(f"`tau_warmup` as a fraction must be in (0, 1]; got {warmup!r}.")
         if warmup is not None and not isinstance(warmup, float):
             _check_int("tau_warmup", warmup, 0)
+        if self.param_budget is not None:
+            _check_int("param_budget", self.param_budget, 1)
+        ramp = self.budget_ramp
+        if ramp is not None:
+            if self.param_budget is None:
+                raise ValueError(f"`budget_ramp` needs `param_budget` to be set; got budget_ramp={ramp!r}.")
+            if isinstance(ramp, float) and not 0.0 < ramp <= 1.0:
+                raise ValueError(f"`budget_ramp` as a fraction must be in (0, 1]; got {ramp!r}.")
+            if not isinstance(ramp, float):
+                _check_int("budget_ramp", ramp, 0)
         if not isinstance(self.rank_pattern, dict):
             raise ValueError(f"`rank_pattern` must be a dict of module name -> ranks; got {self.rank_pattern!r}.")
         for key, ranks in self.rank_pattern.items():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 RANK_PREFIX = "tucker_rank/"
 ACTIVE_KEY = "tucker_active_params"
+BUDGET_KEY = "tucker_param_budget"
 
 
 def _load_history(source: str | os.PathLike | Sequence[dict]) -> list[dict]:
@@ -45,6 +46,15 @@ def rank_series(source: str | os.PathLike | Sequence[dict]) -> tuple[dict[str, l
     return ranks, active
 
 
+def budget_series(source: str | os.PathLike | Sequence[dict]) -> list[tuple[int, float]]:
+    """The `(step, parameter budget)` points of a run with `param_budget` (empty without one).
+
+    Args:
+        source (`str`, `os.PathLike` or `Sequence[dict]`): as for `rank_series`.
+    """
+    return [(e["step"], e[BUDGET_KEY]) for e in _load_history(source) if e.get("step") is not None and BUDGET_KEY in e]
+
+
 def plot_ranks(
     source: str | os.PathLike | Sequence[dict], output_path: str | os.PathLike, max_legend: int = 12
 ) -> Path:
@@ -52,6 +62,7 @@ def plot_ranks(
     Draws the ranks per module over the optimizer steps and the active adapter parameter count, into a PNG.
 
     Needs a run logged with `TuckerRankCallback` (it adds `tucker_rank/...` and `tucker_active_params` to the logs).
+    A run with `param_budget` also logs `tucker_param_budget`, drawn as a dashed line over the active parameters.
 
     Args:
         source (`str`, `os.PathLike` or `Sequence[dict]`): `trainer.state.log_history`, a `trainer_state.json`, or
@@ -74,6 +85,7 @@ def plot_ranks(
     import matplotlib.pyplot as plt
 
     ranks, active = rank_series(source)
+    budget = budget_series(source)
     if not ranks:
         raise ValueError(
             f"no `{RANK_PREFIX}...` entries in the log history: train with TuckerRankCallback and logging_steps set"
@@ -88,7 +100,11 @@ def plot_ranks(
         top.legend(fontsize="small")
     if active:
         steps, values = zip(*active)
-        bottom.plot(steps, values, marker=".")
+        bottom.plot(steps, values, marker=".", label="active")
+    if budget:
+        steps, values = zip(*budget)
+        bottom.step(steps, values, where="post", linestyle="--", color="black", label="param_budget")
+        bottom.legend(fontsize="small")
     bottom.set_ylabel("active adapter parameters")
     bottom.set_xlabel("optimizer step")
     figure.tight_layout()

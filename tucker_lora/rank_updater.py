@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .budget import BudgetLayer, allocate_ranks, budget_at_step, layer_energies, parameter_count
 from .config import TuckerAdapterConfig
 from .cycle_checks import (
     check_after_step,
@@ -43,7 +44,7 @@ from .optimizer_state import (
     state_after_truncate,
     unwrap_optimizer,
 )
-from .rank_ops import augment, retract, truncate
+from .rank_ops import apply_truncation, augment, ranks_for_tolerance, retract, truncation_spectra
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,13 @@ class _Group:
         self.settled = {module: layer.active_ranks(name) for module, layer in layers}
         # whether the latest cycle event of this updater was an augmentation; None: none yet (e.g. after a resume)
         self.augmented: bool | None = None
+        self.applied_budget: int | None = None  # the parameter budget of this updater's latest truncation
+
+    def ramp_steps(self, total_steps: int | None) -> int | None:
+        return self._steps("budget_ramp", total_steps)
 
     def _steps(self, field: str, total_steps: int | None) -> int | None:
-        """A schedule setting (`freeze_ranks_after`, `tau_warmup`) in optimizer steps."""
+        """A schedule setting (`freeze_ranks_after`, `tau_warmup`, `budget_ramp`) in optimizer steps."""
         value = getattr(self.config, field)
         if value is None:
             return None
@@ -112,6 +117,19 @@ class _Group:
             return None
         return "augment" if offset == 0 else "truncate" if offset == self.core_steps else None
 
+    def last_truncation(self, n: int, total_steps: int | None) -> int | None:
+        """The latest step `<= n` that the schedule ends with a truncation; `None` before the first."""
+        period, first = self.core_steps + 1, self.start + self.core_steps
+        if n < first:
+            return None
+        last = n - (n - first) % period
+        freeze = self.freeze_step(total_steps)
+        if freeze is not None and last - self.core_steps >= freeze:  # that cycle never started: the one before
+            if freeze <= self.start:
+                return None
+            last = self.start + (freeze - 1 - self.start) // period * period + self.core_steps
+        return last
+
     def mid_cycle(self, n: int, total_steps: int | None) -> bool:
         """Whether the adapter is augmented and not yet truncated after `n` completed steps."""
         if n < self.start:
@@ -125,11 +143,13 @@ class TuckerRankUpdater:
     """
     Runs the rank-adaptive cycle (augment, `core_steps` Galerkin steps, truncate) of every Tucker adapter of a model.
 
-    The cycle settings (`tau`, `r_min`, `r_max`, `core_steps`, `augment_start_step`, `freeze_ranks_after`) are read
-    from `model.peft_config[adapter_name]`. Call `before_step()` between `backward()` (and gradient clipping) and
-    `optimizer.step()`, `after_step()` right after `optimizer.step()`, once per optimizer step (not per micro-batch),
-    and `finalize()` at the end of training. Under DDP (`torch.distributed` initialized with several processes),
-    every cycle ends with the adapter tensors, ranks and the cores' optimizer state of process 0 broadcast to all.
+    The cycle settings (`tau`, `r_min`, `r_max`, `core_steps`, `augment_start_step`, `freeze_ranks_after`,
+    `param_budget`, `budget_ramp`) are read from `model.peft_config[adapter_name]`; with a `param_budget`, every
+    truncation allocates the ranks over all layers of the adapter (`tucker_lora.budget`). Call `before_step()`
+    between `backward()` (and gradient clipping) and `optimizer.step()`, `after_step()` right after
+    `optimizer.step()`, once per optimizer step (not per micro-batch), and `finalize()` at the end of training.
+    Under DDP (`torch.distributed` initialized with several processes), every cycle ends with the adapter tensors,
+    ranks and the cores' optimizer state of process 0 broadcast to all.
 
     Args:
         model (`nn.Module`): a `PeftModel`, or a model with Tucker adapters added (`add_adapter`), possibly wrapped in
@@ -139,7 +159,11 @@ class TuckerRankUpdater:
         adapter_names (`str` or `list[str]`, *optional*): the adapters to update; defaults to every Tucker adapter
             whose cores are trainable.
         total_steps (`int`, *optional*): the number of optimizer steps of the run, needed when `freeze_ranks_after`
-            is a fraction.
+            or `budget_ramp` is a fraction.
+
+    Raises:
+        `ValueError`: among others, when a `param_budget` is below the smallest feasible budget (every mode of every
+            adapted layer at `r_min`), naming it.
 
     Example:
 
@@ -175,7 +199,8 @@ class TuckerRankUpdater:
         self.groups = self._find_groups(adapter_names)
         for group in self.groups:
             # a fraction without total_steps fails here, not mid-training
-            group.freeze_step(total_steps), group.tau(1, total_steps)
+            group.freeze_step(total_steps), group.tau(1, total_steps), group.ramp_steps(total_steps)
+            self._check_budget(group)
             for _, layer in group.layers:
                 _UPDATED_LAYERS.add(layer)
         check_optimizer_holds_cores(self)
@@ -297,24 +322,88 @@ class TuckerRankUpdater:
 
     @torch.no_grad()
     def _truncate(self, group: _Group) -> None:
+        """HOSVD truncation of every layer in three phases: spectra, ranks (tolerance, then the budget over all
+        layers), then the truncation itself and the optimizer state."""
         if group.config.train_bases:
             self._retract(group)
         tau = group.tau(self.step + 1, self.total_steps)
-        for module, layer in group.layers:
+        widths = [layer.active_ranks(group.name) for _, layer in group.layers]
+        spectra = [
+            truncation_spectra(layer.tucker_core[group.name].data, w) for (_, layer), w in zip(group.layers, widths)
+        ]
+        ranks = [
+            ranks_for_tolerance(s, w, tau, *self._bounds(group, layer))
+            for (_, layer), w, s in zip(group.layers, widths, spectra)
+        ]
+        if group.config.param_budget is not None:
+            ranks = self._fit_budget(group, spectra, ranks)
+        for (_, layer), width, spectrum, rank in zip(group.layers, widths, spectra, ranks):
             core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
-            widths = layer.active_ranks(group.name)
-            r_min, r_max = self._bounds(group, layer)
-            ranks, rotations = truncate(core.data, [b.data for b in bases], widths, tau, r_min, r_max)
+            rotations = apply_truncation(core.data, [b.data for b in bases], width, spectrum, rank)
             if self.optimizer is not None:
-                state_after_truncate(self.optimizer, core, widths, rotations)
+                state_after_truncate(self.optimizer, core, width, rotations)
                 if group.config.train_bases:
-                    for basis, width, rotation in zip(bases, widths, rotations):
-                        basis_state_after_truncate(self.optimizer, basis, width, rotation)
-            layer.set_active_ranks(group.name, ranks)
+                    for basis, w, rotation in zip(bases, width, rotations):
+                        basis_state_after_truncate(self.optimizer, basis, w, rotation)
+            layer.set_active_ranks(group.name, rank)
         self._sync(group)
         group.augmented = False
         for module, layer in group.layers:
             group.settled[module] = layer.active_ranks(group.name)
+
+    # ---- the parameter budget ----------------------------------------------------------------------------------
+
+    def _layer_sizes(self, group: _Group, layer: TuckerLayer) -> tuple[list[int], int]:
+        """`n_i` per adaptive mode and the product of the core's unfactored trailing sizes."""
+        bases, core = layer.tucker_bases[group.name], layer.tucker_core[group.name]
+        return [basis.shape[0] for basis in bases], math.prod(core.shape[len(bases) :])
+
+    def _count_at_bound(self, group: _Group, bound: str) -> int:
+        """Active parameters of `group` with every mode at `r_min` (`bound="r_min"`) or at `r_max` within the
+        capacity (`"r_max"`)."""
+        total = 0
+        for _, layer in group.layers:
+            ranks = self._bounds(group, layer)[0 if bound == "r_min" else 1]
+            ranks = [min(r, c) for r, c in zip(ranks, layer.capacities(group.name))]
+            total += parameter_count(ranks, *self._layer_sizes(group, layer))
+        return total
+
+    def _check_budget(self, group: _Group) -> None:
+        budget = group.config.param_budget
+        if budget is None:
+            return
+        smallest = self._count_at_bound(group, "r_min")
+        if budget < smallest:
+            raise ValueError(
+                f"`param_budget` of adapter {group.name!r} must be >= {smallest}, the smallest feasible budget (every "
+                f"mode of its {len(group.layers)} adapted layers at r_min={group.config.r_min}); got {budget}"
+            )
+
+    def budget(self, group: _Group, step: int) -> int | None:
+        """The parameter budget of `group` in force at optimizer step `step` (`None` without one)."""
+        if group.config.param_budget is None:
+            return None
+        ceiling = self._count_at_bound(group, "r_max")
+        return budget_at_step(group.config.param_budget, ceiling, step, group.ramp_steps(self.total_steps))
+
+    def _settled_budget(self, group: _Group) -> int | None:
+        """The budget that the settled ranks were cut to: this updater's latest truncation's, else (after a resume,
+        or before any truncation) the schedule's at its latest truncation step."""
+        if group.applied_budget is not None:
+            return group.applied_budget
+        return self.budget(group, group.last_truncation(self.step, self.total_steps) or 0)
+
+    def _fit_budget(self, group: _Group, spectra: list, ranks: list[list[int]]) -> list[list[int]]:
+        # the step this truncation ends (in finalize, one past the last step: the ramp is over or nearly)
+        budget = self.budget(group, self.step + 1)
+        group.applied_budget = budget
+        layers = [
+            BudgetLayer(
+                layer_energies(spectrum), *self._layer_sizes(group, layer), self._bounds(group, layer)[0], upper
+            )
+            for (_, layer), spectrum, upper in zip(group.layers, spectra, ranks)
+        ]
+        return allocate_ranks(layers, budget)
 
     def _sync(self, group: _Group) -> None:
         if not is_distributed():
@@ -336,8 +425,9 @@ class TuckerRankUpdater:
     def metrics(self) -> dict[str, float]:
         """Settled ranks (those after the latest truncation) per module and mode, and the active adapter parameters.
 
-        Keys: `tucker_rank/<module>/<mode>` (mode `out`, `in`, and `kh`, `kw` for fully adapted convs) and
-        `tucker_active_params` (core entries + basis columns at the settled ranks, summed over adapters).
+        Keys: `tucker_rank/<module>/<mode>` (mode `out`, `in`, and `kh`, `kw` for fully adapted convs),
+        `tucker_active_params` (core entries + basis columns at the settled ranks, summed over adapters) and, when
+        every adapter has a `param_budget`, `tucker_param_budget` (the budgets of their latest truncations, summed).
         """
         metrics: dict[str, float] = {}
         active = 0
@@ -349,6 +439,9 @@ class TuckerRankUpdater:
                     metrics[f"tucker_rank/{prefix}{module}/{MODE_NAMES[mode]}"] = rank
                 active += layer.active_parameter_count(group.name, ranks)
         metrics["tucker_active_params"] = active
+        budgets = [self._settled_budget(group) for group in self.groups]
+        if all(b is not None for b in budgets):
+            metrics["tucker_param_budget"] = sum(budgets)
         return metrics
 
 

@@ -26,7 +26,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import datasets
 import torch
@@ -149,6 +149,29 @@ class AdapterArguments:
         default=None,
         metadata={"help": "Tucker: tau ramps up from 0 over this many steps (>= 1) or this fraction (< 1)."},
     )
+    param_budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tucker: the most active adapter parameters after every truncation: core entries + basis columns "
+            "of the adapted layers; the trained head (modules_to_save) is not counted. --tau still applies (the "
+            "stricter wins): pass a small --tau (e.g. 0.01) to let the budget decide the ranks."
+        },
+    )
+    budget_fraction_of_lora: float | None = field(
+        default=None,
+        metadata={
+            "help": "Tucker: --param_budget as this fraction of what LoRA of rank --reference_lora_r (default 8) "
+            "trains on the same adapted layers, sum of r * (in + out), the head not counted (metrics.json's "
+            "lora_r8_parameters counts the head too; lora_r8_adapter_parameters does not); rounded down."
+        },
+    )
+    budget_ramp: float | None = field(
+        default=None,
+        metadata={
+            "help": "Tucker: reach the budget over this many steps (>= 1) or this fraction of the run (< 1), "
+            "cubically from the adapter at r_max everywhere; default: the budget applies from the first truncation."
+        },
+    )
     adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA: target average rank."})
     adalora_tinit: float = field(
         default=0.1, metadata={"help": "AdaLoRA: warmup before allocation, fraction of steps."}
@@ -243,6 +266,20 @@ def check_args(data_args: DataArguments, adapter_args: AdapterArguments, trainin
             "`--adalora_tinit` + `--adalora_tfinal` must be below 1 to leave a budgeting phase; got "
             f"{adapter_args.adalora_tinit} + {adapter_args.adalora_tfinal}"
         )
+    budget = {k: getattr(adapter_args, k) for k in ("param_budget", "budget_fraction_of_lora", "budget_ramp")}
+    if adapter_args.method != "tucker" and any(v is not None for v in budget.values()):
+        given = {k: v for k, v in budget.items() if v is not None}
+        raise ValueError(
+            f"the parameter budget flags are for `--method tucker`; got {given} with {adapter_args.method}"
+        )
+    if budget["param_budget"] is not None and budget["budget_fraction_of_lora"] is not None:
+        raise ValueError(
+            "give `--param_budget` or `--budget_fraction_of_lora`, not both; got "
+            f"{budget['param_budget']} and {budget['budget_fraction_of_lora']}"
+        )
+    fraction = budget["budget_fraction_of_lora"]
+    if fraction is not None and not 0.0 < fraction < math.inf:
+        raise ValueError(f"`--budget_fraction_of_lora` must be a number > 0; got {fraction}")
     if training_args.output_dir is None:
         raise ValueError("`--output_dir` must be given; got None")
 
@@ -254,6 +291,12 @@ def total_training_steps(num_examples: int, args: TrainingArguments) -> int:
     batches = math.ceil(num_examples / (args.per_device_train_batch_size * args.world_size))
     steps_per_epoch = max(batches // args.gradient_accumulation_steps, 1)
     return math.ceil(args.num_train_epochs * steps_per_epoch)
+
+
+def steps_or_fraction(value: float | None) -> int | float | None:
+    """A command-line value meaning optimizer steps when >= 1 (an int for the config) and a fraction of the run
+    below 1."""
+    return int(value) if value is not None and value >= 1 else value
 
 
 def build_adapter(
@@ -271,12 +314,13 @@ def build_adapter(
     if adapter_args.method == "tucker":
         import tucker_lora  # registers the TUCKER PEFT type
 
-        freeze = adapter_args.freeze_ranks_after
-        if freeze is not None and freeze >= 1:
-            freeze = int(freeze)
-        warmup = adapter_args.tau_warmup
-        if warmup is not None and warmup >= 1:
-            warmup = int(warmup)
+        freeze = steps_or_fraction(adapter_args.freeze_ranks_after)
+        warmup = steps_or_fraction(adapter_args.tau_warmup)
+        # with --budget_fraction_of_lora the budget is set once the adapted layers are known (`set_tucker_budget`)
+        budget = {
+            "param_budget": adapter_args.param_budget,
+            "budget_ramp": steps_or_fraction(adapter_args.budget_ramp),
+        }
         config = tucker_lora.TuckerAdapterConfig(
             **common,
             r=adapter_args.rank,
@@ -290,6 +334,7 @@ def build_adapter(
             freeze_ranks_after=freeze,
             tau_warmup=warmup,
             train_bases=adapter_args.train_bases,
+            **(budget if adapter_args.budget_fraction_of_lora is None else {}),
         )
         return config, [tucker_lora.TuckerRankCallback()]
     if adapter_args.method == "lora":
@@ -346,6 +391,18 @@ def lora_parameters(model: torch.nn.Module, r: int) -> int:
             base = module.get_base_layer()
             total += r * (base.in_features + base.out_features)
     return total
+
+
+def set_tucker_budget(model: torch.nn.Module, adapter_args: AdapterArguments) -> int | None:
+    """Puts `--budget_fraction_of_lora` (times LoRA's count on the adapted layers, head excluded) into the model's
+    Tucker config as `param_budget` (with `--budget_ramp`), checked as any config value; returns the budget in use."""
+    config = model.peft_config["default"]
+    if adapter_args.budget_fraction_of_lora is not None:
+        reference = lora_parameters(model, adapter_args.reference_lora_r) - head_parameters(model)
+        budget = math.floor(adapter_args.budget_fraction_of_lora * reference)
+        ramp = steps_or_fraction(adapter_args.budget_ramp)
+        model.peft_config["default"] = config = replace(config, param_budget=budget, budget_ramp=ramp)
+    return config.param_budget
 
 
 def parameter_counts(model: torch.nn.Module, method: str) -> dict[str, int]:
@@ -508,6 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = total_training_steps(len(train), training_args)
     peft_config, callbacks = build_adapter(adapter_args, model.config.model_type, total_steps)
     model = get_peft_model(model, peft_config)
+    param_budget = set_tucker_budget(model, adapter_args) if adapter_args.method == "tucker" else None
 
     def metrics_fn(prediction: EvalPrediction) -> dict[str, float]:
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
@@ -540,6 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     counts = parameter_counts(model, adapter_args.method)
     reference = lora_parameters(model, adapter_args.reference_lora_r)
+    head = head_parameters(model)
     fingerprints = gather_across_processes(adapter_fingerprint(model))
     ranks = final_ranks(model, adapter_args.method, adapter_args.rank)
     ranks_per_process = gather_across_processes(ranks)
@@ -564,6 +623,11 @@ def main(argv: list[str] | None = None) -> dict:
         "active_trainable_parameters": counts["active"],
         f"lora_r{adapter_args.reference_lora_r}_parameters": reference,
         "active_fraction_of_lora": counts["active"] / reference,
+        # the budget covers the adapter only: compare it with the adapter-only counts
+        "param_budget": param_budget,
+        "head_parameters": head,
+        f"lora_r{adapter_args.reference_lora_r}_adapter_parameters": reference - head,
+        "active_adapter_parameters": counts["active"] - head,
         "parameter_counting": PARAMETER_COUNTING[adapter_args.method],
         "final_ranks": ranks,
         "train_time_s": train_time,
@@ -594,11 +658,16 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, default=str)
         main_value = report["main_metric"]["value"]
+        budget_line = ""
+        if param_budget is not None:
+            used = report["active_adapter_parameters"]
+            budget_line = f"param_budget: {param_budget:,} adapter parameters (head not counted), used {used:,}\n"
         print(
             f"\n{task.name} {main_split} {task.main_metric}: {main_value:.4f}   (all: {results})\n"
             f"active trainable parameters: {counts['active']:,} ({adapter_args.method}) vs "
             f"{reference:,} for LoRA r={adapter_args.reference_lora_r} on the same model "
             f"({100 * counts['active'] / reference:.1f}%)\n"
+            f"{budget_line}"
             f"rank plot: {report['rank_plot'] or 'none (fixed ranks)'}\n"
             f"metrics: {os.path.join(out, 'metrics.json')}   wall time: {report['wall_time_s']:.0f} s"
         )

@@ -1,10 +1,11 @@
 """Trainer under torchrun (2 CPU processes, gloo) with TuckerRankCallback; launched by tests/test_ddp.py.
 
-    torchrun --nproc_per_node 2 --master_port 29581 tests/ddp/train_ddp.py OUTPUT_DIR
+    torchrun --nproc_per_node 2 --master_port 29581 tests/ddp/train_ddp.py OUTPUT_DIR [PARAM_BUDGET]
 
 Process 1 perturbs every truncation it computes (as a differing SVD would), so only the broadcast from process 0
 can make the processes agree. After every optimizer step a checking callback compares a digest of each process's
 adapter tensors, ranks and core optimizer state; at the end each process saves that state to OUTPUT_DIR/state{rank}.pt.
+With PARAM_BUDGET the adapter has that `param_budget` and `tau=0.01`, so that the budget decides the ranks.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def digest(state: dict[str, torch.Tensor]) -> str:
 class CheckIdentical(TrainerCallback):
     """After every optimizer step (after TuckerRankCallback's cycle): are all processes bit-identical?"""
 
-    def __init__(self) -> None:
+    def __init__(self, rank_callback: TuckerRankCallback) -> None:
+        self.rank_callback = rank_callback
         self.mismatched_steps: list[int] = []
         self.ranks: list[list[int]] = []
+        self.settled_params: list[int] = []  # active parameters at the ranks of the latest truncation
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         digests = [None] * dist.get_world_size()
@@ -47,14 +50,15 @@ class CheckIdentical(TrainerCallback):
         if len(set(digests)) > 1:
             self.mismatched_steps.append(state.global_step + 1)
         self.ranks.append([int(v) for k, v in adapter_state(model).items() if k.endswith(".ranks") for v in v])
+        self.settled_params.append(self.rank_callback.updater.metrics()["tucker_active_params"])
 
 
-def perturbed(truncate):
-    def wrapper(core, bases, widths, tau, r_min, r_max):
-        ranks, rotations = truncate(core, bases, widths, tau, r_min, r_max)
+def perturbed(apply_truncation):
+    def wrapper(core, bases, widths, spectra, ranks):
+        rotations = apply_truncation(core, bases, widths, spectra, ranks)
         block = tuple(slice(0, r) for r in ranks)
         core[block] += 1e-4 * torch.randn(core[block].shape)
-        return ranks, rotations
+        return rotations
 
     return wrapper
 
@@ -63,18 +67,21 @@ def main() -> None:
     output_dir = sys.argv[1]
     rank = int(os.environ["RANK"])
     if rank == 1:
-        rank_updater.truncate = perturbed(rank_updater.truncate)
-    model = tucker_model(core_steps=2, augment_start_step=2, r=2, r_max=4, tau=0.1)
-    checker = CheckIdentical()
+        rank_updater.apply_truncation = perturbed(rank_updater.apply_truncation)
+    budget = {"param_budget": int(sys.argv[2]), "tau": 0.01} if len(sys.argv) > 2 else {"tau": 0.1}
+    model = tucker_model(core_steps=2, augment_start_step=2, r=2, r_max=4, **budget)
+    rank_callback = TuckerRankCallback()
+    checker = CheckIdentical(rank_callback)
     args = training_args(
         output_dir, max_steps=MAX_STEPS, gradient_accumulation_steps=2, per_device_train_batch_size=4, seed=0
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[TuckerRankCallback(), checker])
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[rank_callback, checker])
     trainer.train()
     result = {
         "state": adapter_state(model, trainer.optimizer),
         "mismatched_steps": checker.mismatched_steps,
         "ranks": checker.ranks,
+        "settled_params": checker.settled_params,
         "world_size": dist.get_world_size(),
         "global_step": trainer.state.global_step,
     }

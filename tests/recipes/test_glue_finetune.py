@@ -318,3 +318,42 @@ def test_short_regression_run_is_no_worse_than_the_mean(tiny_bert_dir: Path, glu
     mse, mse_of_mean = np.mean((scores - labels) ** 2), np.mean((train_mean - labels) ** 2)
     assert mse <= 1.05 * mse_of_mean, (mse, mse_of_mean)
     assert abs(scores.mean() - train_mean) < 0.2
+
+
+@needs_tucker
+def test_tucker_budget_as_a_fraction_of_lora(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    """`--budget_fraction_of_lora 0.5`: half of what LoRA r=8 trains on the same 12 layers, the head not counted; the
+    final adapter stays within it and the saved config carries it."""
+    out = tmp_path / "budget"
+    args = base_args(tiny_bert_dir, glue_dir, out, "rte", "tucker", 12)
+    args += ["--rank", "4", "--r_max", "8", "--core_steps", "2", "--augment_start_step", "2", "--tau", "0.01"]
+    saved = main(args + ["--budget_fraction_of_lora", "0.5", "--budget_ramp", "0.5"])
+    lora_adapter = 2 * 8 * (3 * (32 + 32) + (32 + 32) + (32 + 64) + (64 + 32))  # as in test_lora_on_mrpc
+    assert saved["head_parameters"] == 32 * 2 + 2
+    assert saved["lora_r8_adapter_parameters"] == lora_adapter == saved["lora_r8_parameters"] - 66
+    assert saved["param_budget"] == lora_adapter // 2
+    assert saved["active_adapter_parameters"] == saved["active_trainable_parameters"] - 66 <= lora_adapter // 2
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["param_budget"] == lora_adapter // 2
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (adapter_config["param_budget"], adapter_config["budget_ramp"]) == (lora_adapter // 2, 0.5)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert any(entry.get("tucker_param_budget") == lora_adapter // 2 for entry in state["log_history"])
+
+
+@needs_tucker
+def test_tucker_param_budget_flag_and_its_errors(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    args = base_args(tiny_bert_dir, glue_dir, tmp_path / "direct", "rte", "tucker", 6)
+    args += ["--rank", "2", "--r_max", "4", "--core_steps", "2", "--augment_start_step", "2", "--tau", "0.01"]
+    saved = main(args + ["--param_budget", "2000"])
+    assert saved["param_budget"] == 2000 and saved["active_adapter_parameters"] <= 2000
+    # every mode at r_min = 1: 1 + in + out per layer, 12 layers of the 2-layer BERT
+    smallest = 2 * (3 * 65 + 65 + 97 + 97)
+    with pytest.raises(ValueError, match=rf"`param_budget` .* must be >= {smallest}, the smallest feasible budget"):
+        main(args + ["--param_budget", str(smallest - 1)])
+    with pytest.raises(ValueError, match=r"give `--param_budget` or `--budget_fraction_of_lora`, not both"):
+        main(args + ["--param_budget", "2000", "--budget_fraction_of_lora", "0.5"])
+    with pytest.raises(ValueError, match=r"`--budget_fraction_of_lora` must be a number > 0; got 0.0"):
+        main(args + ["--budget_fraction_of_lora", "0"])
+    with pytest.raises(ValueError, match=r"the parameter budget flags are for `--method tucker`"):
+        main(base_args(tiny_bert_dir, glue_dir, tmp_path / "lora", "rte", "lora", 2) + ["--param_budget", "2000"])

@@ -24,8 +24,14 @@ def test_presets_load_and_cover_the_four_local_tasks():
     for name in ("quick", "full"):
         preset = glue_quality.load_preset(name)
         assert sorted(preset["tasks"]) == ["cola", "mrpc", "rte", "sst2"]
-        assert len(preset["seeds"]) >= 3 and preset["methods"] == ["tucker", "lora", "adalora"]
+        assert len(preset["seeds"]) >= 3 and preset["methods"] == ["tucker", "lora", "adalora", "tucker_budget70"]
         assert preset["tasks"]["sst2"]["max_train_samples"] < 67349  # a documented SST-2 subset
+    # Tucker at 70% of LoRA r=8's adapter parameters: the budget decides (tau 0.01), with Tucker's chosen rate
+    options = glue_quality.run_options(
+        preset, "sst2", "tucker_budget70", 0, {"tucker": {"tau": 0.25, "learning_rate": 3e-3}}
+    )
+    assert (options["method"], options["budget_fraction_of_lora"], options["tau"]) == ("tucker", 0.7, 0.01)
+    assert options["learning_rate"] == 3e-3
     with pytest.raises(ValueError, match=r"`--preset` must be one of \['full', 'quick', .*\] or a JSON file; got 'fa"):
         glue_quality.load_preset("fast")
 
@@ -54,6 +60,23 @@ def test_variants_draw_a_method_at_other_settings(tmp_path: Path):
         glue_quality.load_preset(str(path))
 
 
+def test_budget_runs_report_their_adapter_only_fraction():
+    runs = [{**fake_run("rte", "tucker_budget70", seed, 0.6, 766), "active_adapter_parameters": 700 - seed,
+             "lora_r8_adapter_parameters": 1000} for seed in (0, 1)]  # fmt: skip
+    preset = {
+        "tasks": {"rte": {}},
+        "methods": ["tucker_budget70"],
+        "variants": {"tucker_budget70": {"method": "tucker"}},
+    }
+    summary = glue_quality.aggregate(runs, preset)
+    assert summary["cells"]["rte/tucker_budget70"]["adapter_fraction_of_lora_r8"] == pytest.approx(0.6995)
+    assert summary["overall"]["tucker_budget70"]["adapter_fraction_of_lora_r8"] == pytest.approx(0.6995)
+    record = {"preset": "t", "model": "m", "seeds": [0, 1], "notes": "", "common": {}, "method_settings": {},
+              "method_settings_source": "s", "environment": {"commit": "c", "date": "d"},
+              "summary": summary}  # fmt: skip
+    assert "| tucker_budget70 | 60.00 | 77% | 70.0% |" in glue_quality.markdown(record)
+
+
 def test_aggregate_means_stds_and_goal(tmp_path: Path):
     preset = {"tasks": {"rte": {}, "sst2": {}}, "methods": ["tucker", "lora", "adalora"]}
     runs = []
@@ -79,6 +102,7 @@ def test_aggregate_means_stds_and_goal(tmp_path: Path):
                    "active_fraction_of_lora_r8": 0.583}]}}  # fmt: skip
     table = glue_quality.markdown(record)
     assert "| rte | accuracy | tucker | 70.00 +- 10.00 (70.00) | 600 (60%) | 11 +- 1 |" in table
+    assert "| tucker | 70.00 | 60% | - |" in table  # runs without adapter-only counts
     assert "| tucker | {'tau': 0.25} | 85.12 | 58% |" in table
     figure = glue_quality.plot_quality(summary, tmp_path / "quality.png", "t")
     assert figure.stat().st_size > 0  # one panel per task, written without a display
