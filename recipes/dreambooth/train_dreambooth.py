@@ -9,7 +9,8 @@ rank cycle around the optimizer step: backward, clipping, `updater.before_step()
         --instance_prompt "a photo of sks dog" --method tucker --tau 0.1 --output_dir out
 
 Outputs in `--output_dir`: `tucker_adapter/` (PEFT format, reloadable with tucker_lora) or `lora_adapter/`,
-`pytorch_lora_weights.safetensors` (diffusers format, loads with stock diffusers), `metrics.json`,
+`pytorch_lora_weights.safetensors` (diffusers format, loads with stock diffusers),
+`pytorch_lora_weights_kohya.safetensors` (kohya format, with `--output_kohya_format`), `metrics.json`,
 `validation/*.png`, `ranks.png` (Tucker), and `checkpoint-N/` folders.
 """
 
@@ -319,10 +320,15 @@ def run_validation(args, model, text_encoder, vae, noise_scheduler, step: int, a
 
 def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldout, heldout_base, classes,
                  weight_dtype, accelerator, start_time) -> dict:  # fmt: skip
-    from export_diffusers import save_adapter, save_diffusers_lora
+    from export_diffusers import save_adapter, save_diffusers_lora, save_kohya_lora
 
     adapter_dir = save_adapter(model, args.output_dir, args.method)
     weights = save_diffusers_lora(model, args.output_dir, args.method)
+    kohya = (
+        save_kohya_lora(model, args.output_dir, args.method, args.kohya_conv_format)
+        if args.output_kohya_format
+        else None
+    )
     validation = (
         run_validation(args, model, text_encoder, vae, noise_scheduler, args.max_train_steps, accelerator)
         if args.validation_prompt
@@ -353,7 +359,7 @@ def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldo
         "final_ranks": None,
         "wall_time_s": round(time.time() - start_time, 1),
         "versions": versions(),
-        "outputs": {"adapter": adapter_dir, "diffusers_lora": weights, "validation": validation},
+        "outputs": {"adapter": adapter_dir, "diffusers_lora": weights, "kohya_lora": kohya, "validation": validation},
     }
     if args.method == "tucker":
         import tucker_lora

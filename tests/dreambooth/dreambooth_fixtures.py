@@ -39,6 +39,33 @@ def tiny_unet_config(cross_attention_dim: int = 384) -> dict:
     }
 
 
+ADAPTED_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+
+
+def adapted_tiny_unet(folder: Path):
+    """A tiny UNet (saved to `folder/base` without adapter) with a Tucker adapter as after training: random cores at
+    unequal ranks and alpha != r (so that a folded scaling matters), on attention and 3x3 convs; and its inputs."""
+    from diffusers import UNet2DConditionModel
+
+    import tucker_lora
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim=16)).eval()
+    unet.save_pretrained(folder / "base")
+    config = tucker_lora.TuckerAdapterConfig(
+        r=3, alpha=5.0, r_max=4, target_modules=ADAPTED_TARGETS, init_weights=False,
+        rank_pattern={"down_blocks.0.resnets.0.conv1": [2, 3], "to_v": [1, 2]},
+    )  # fmt: skip
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "sample": torch.randn(2, 32, 8, 8, generator=generator),
+        "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(2, 5, 16, generator=generator),
+    }
+    return unet, inputs
+
+
 def make_tiny_base(folder: Path) -> Path:
     from components import OFFLINE_MARKER
     from diffusers import DDPMScheduler, UNet2DConditionModel
