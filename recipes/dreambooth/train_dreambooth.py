@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
     )
+    if accelerator.mixed_precision != "no" and not accelerator.native_amp:
+        # accelerate has no fp16 autocast on CPU: the bf16/fp16 base would meet float32 adapters and fail mid-forward
+        raise ValueError(
+            f"`mixed_precision` {args.mixed_precision!r} needs autocast, which accelerate does not provide on "
+            f"{accelerator.device.type!r}; use 'bf16' on a CPU (or 'no'). Got {args.mixed_precision!r}."
+        )
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)  # adapter initialization
@@ -294,7 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
                 args.output_dir, global_step, model, optimizer, lr_scheduler,
                 {"global_step": global_step, "history": history, "method": args.method}, args.checkpoints_total_limit,
             )  # fmt: skip
-        if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+        # the last step's validation comes after `finalize`, in save_outputs
+        mid_run = global_step < args.max_train_steps
+        if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0 and mid_run:
             run_validation(args, model, text_encoder, vae, noise_scheduler, global_step, accelerator)
 
     if updater is not None:
