@@ -41,7 +41,7 @@ from data import (  # noqa: E402
     split_prior_loss,
 )
 from params import adapter_parameter_count, lora_parameter_count  # noqa: E402
-from sampling import generate, save_grid  # noqa: E402
+from sampling import generate, save_grid, to_pil  # noqa: E402
 
 logger = logging.getLogger("train_dreambooth")
 HELDOUT_DRAWS = 8  # fixed (noise, timestep) draws per held-out image
@@ -316,14 +316,34 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-def run_validation(args, model, text_encoder, vae, noise_scheduler, step: int, accelerator) -> str | None:
+def run_validation(args, model, text_encoder, vae, noise_scheduler, step: int, accelerator):
+    """`(grid path, images)` of `--num_validation_images` samples of `--validation_prompt`; `(None, None)` off the
+    main process."""
     if not accelerator.is_main_process:
-        return None
+        return None, None
     images = generate(
         model, text_encoder, vae, noise_scheduler.config, [args.validation_prompt] * args.num_validation_images,
         seed=args.seed, num_inference_steps=args.num_inference_steps,
     )  # fmt: skip
-    return save_grid(images, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
+    return save_grid(images, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png")), images
+
+
+def score_images(args, images, device) -> dict | None:
+    """CLIP-I / CLIP-T / DINO of the final validation images against every photo in `instance_data_dir`, when
+    `--clip_model_name_or_path` or `--dino_model_name_or_path` is given (the models load only then)."""
+    if images is None or not (args.clip_model_name_or_path or args.dino_model_name_or_path):
+        return None
+    from image_metrics import image_metrics, subject_prompt
+    from PIL import Image
+
+    real = []
+    for path in list_images(args.instance_data_dir, "instance_data_dir"):
+        with Image.open(path) as image:
+            real.append(image.convert("RGB"))
+    prompt = subject_prompt(args.validation_prompt, args.instance_prompt, args.class_prompt)
+    return image_metrics(
+        to_pil(images), real, prompt, args.clip_model_name_or_path, args.dino_model_name_or_path, device
+    )
 
 
 def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldout, heldout_base, classes,
@@ -337,10 +357,10 @@ def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldo
         if args.output_kohya_format
         else None
     )
-    validation = (
+    validation, images = (
         run_validation(args, model, text_encoder, vae, noise_scheduler, args.max_train_steps, accelerator)
         if args.validation_prompt
-        else None
+        else (None, None)
     )
     metrics = {
         "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
@@ -362,6 +382,7 @@ def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldo
         "class_drift": class_drift(model, noise_scheduler, classes, text_encoder, args.seed, weight_dtype)
         if classes
         else None,
+        "image_metrics": score_images(args, images, accelerator.device),  # CLIP-I, CLIP-T, DINO
         "active_trainable_params": adapter_parameter_count(model, args.method),
         "lora_r4_params_same_layers": lora_parameter_count(model, 4),
         "final_ranks": None,

@@ -43,9 +43,9 @@ def test_bf16_training_keeps_float32_adapters_and_validation_casts_nothing(
 
     def observed_validation(args, model, *rest, **kwargs):  # the real validation, with the dtypes around it
         before = _dtypes(model)
-        path = real_validation(args, model, *rest, **kwargs)
+        path, images = real_validation(args, model, *rest, **kwargs)
         seen.append((before, _dtypes(model), path))
-        return path
+        return path, images
 
     monkeypatch.setattr(train_dreambooth, "run_validation", observed_validation)
     extra = [

@@ -49,6 +49,7 @@ def test_outputs_and_metrics(full_run):
                   "active_trainable_params", "final_ranks", "wall_time_s", "versions"):  # fmt: skip
         assert saved[field] is not None, field
     assert [e["step"] for e in saved["history"]] == list(range(1, 9))
+    assert saved["image_metrics"] is None  # no CLIP / DINO model given: nothing scored, nothing loaded
     assert saved["class_drift"] > 0  # the adapter moved the class prompt's predictions, by a measured amount
     # active parameters follow the final ranks, not the allocated storage
     assert saved["active_trainable_params"] == metrics["active_trainable_params"] > 0
