@@ -10,6 +10,9 @@ The base is the tiny offline one (`recipes/dreambooth/offline_base.py`), not Sta
 a check of the machinery and a first comparison, not as DreamBooth quality on a real model.
 
     python benchmarks/dreambooth_quality.py --base outputs/dreambooth/base --seeds 0 1 2 --max_train_steps 300
+
+On a real base (the hub path), `--clip_model_name_or_path` / `--dino_model_name_or_path` add the DreamBooth paper's
+CLIP-I, CLIP-T and DINO of `--num_validation_images` samples of `--validation_prompt` to every run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ sys.path.insert(0, str(REPO / "recipes" / "dreambooth"))
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 WITH_CONVS = [*ATTENTION, "conv1", "conv2"]
+IMAGE_METRICS = ("clip_i", "clip_t", "dino")  # with --clip_model_name_or_path / --dino_model_name_or_path
 
 
 def settings(taus: list[float], lora_ranks: list[int], tucker_rank: int) -> list[dict]:
@@ -54,12 +58,20 @@ def run_one(setting: dict, seed: int, options: argparse.Namespace, out: Path) ->
         "--checkpointing_steps", str(options.max_train_steps + 1), "--logging_steps", "10", "--seed", str(seed),
         "--output_dir", str(folder), "--target_modules", *setting["targets"], *setting["args"],
     ]  # fmt: skip
+    for name in ("clip_model_name_or_path", "dino_model_name_or_path"):
+        if getattr(options, name):
+            args += [f"--{name}", getattr(options, name)]
+    if options.clip_model_name_or_path or options.dino_model_name_or_path:
+        args += ["--validation_prompt", options.validation_prompt,
+                 "--num_validation_images", str(options.num_validation_images)]  # fmt: skip
     metrics = train_dreambooth.main(args)
+    scores = metrics["image_metrics"] or {}
     return {
         "setting": setting["name"], "method": setting["method"], "seed": seed,
         "active_params": metrics["active_trainable_params"], "heldout_loss": metrics["heldout_loss"],
         "heldout_loss_base": metrics["heldout_loss_base"], "class_drift": metrics["class_drift"],
         "final_instance_loss": metrics["history"][-1]["instance_loss"], "wall_time_s": metrics["wall_time_s"],
+        **{name: scores.get(name) for name in IMAGE_METRICS},
     }  # fmt: skip
 
 
@@ -78,6 +90,10 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "heldout_loss_sd": statistics.stdev(losses) if len(group) > 1 else None,
                 "heldout_loss_base": group[0]["heldout_loss_base"],
                 "class_drift": statistics.fmean(r["class_drift"] for r in group),
+                **{
+                    name: statistics.fmean(r[name] for r in group) if group[0][name] is not None else None
+                    for name in IMAGE_METRICS
+                },
             }
         )
     return table
@@ -89,13 +105,18 @@ def write_report(table: list[dict], rows: list[dict], options: argparse.Namespac
         f"Subject {options.instance_data_dir}, held-out photo {options.heldout_image}, "
         f"{options.max_train_steps} steps, lr {options.learning_rate}, seeds {options.seeds}, "
         f"{seconds / 60:.1f} min in all.", "",
-        "| setting | seeds | active params | held-out loss (base) | held-out loss | class drift |",
-        "|---|---|---|---|---|---|",
     ]  # fmt: skip
+    scored = [name for name in IMAGE_METRICS if table[0][name] is not None]
+    lines += [
+        "| setting | seeds | active params | held-out loss (base) | held-out loss | class drift |"
+        + "".join(f" {name.upper().replace('_', '-')} |" for name in scored),
+        "|---|---|---|---|---|---|" + "---|" * len(scored),
+    ]
     for r in table:
         sd = f" ± {r['heldout_loss_sd']:.4f}" if r["heldout_loss_sd"] is not None else ""
         lines.append(f"| {r['setting']} | {r['seeds']} | {r['active_params']:,.0f} | {r['heldout_loss_base']:.4f} | "
-                     f"{r['heldout_loss']:.4f}{sd} | {r['class_drift']:.5f} |")  # fmt: skip
+                     f"{r['heldout_loss']:.4f}{sd} | {r['class_drift']:.5f} |"
+                     + "".join(f" {r[name]:.4f} |" for name in scored))  # fmt: skip
     (out / "dreambooth_quality.md").write_text("\n".join(lines) + "\n")
     (out / "dreambooth_quality.json").write_text(json.dumps({"options": vars(options), "table": table, "runs": rows},
                                                             indent=2))  # fmt: skip
@@ -136,6 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--only", nargs="*", default=None, help="run only the settings with these names")
     parser.add_argument("--output_dir", default="outputs/benchmarks/dreambooth_quality")
+    parser.add_argument("--clip_model_name_or_path", default=None, help="CLIP-I and CLIP-T (see train_dreambooth.py)")
+    parser.add_argument("--dino_model_name_or_path", default=None, help="DINO (see train_dreambooth.py)")
+    parser.add_argument("--validation_prompt", default="a photo of sks dog", help="the prompt the metrics score")
+    parser.add_argument("--num_validation_images", type=int, default=4)
     options = parser.parse_args(argv)
     if not os.path.isdir(options.base):
         raise ValueError(

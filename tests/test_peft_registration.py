@@ -35,10 +35,7 @@ def test_importing_and_registering_twice_is_harmless():
 
 def test_loading_without_importing_tucker_lora_fails_on_the_type(tmp_path):
     """PEFT resolves the type before any of our code can run; the README says to import tucker_lora first."""
-    script = (
-        "from peft import PeftConfig\n"
-        f"PeftConfig.from_pretrained(r'{tmp_path}')\n"
-    )
+    script = f"from peft import PeftConfig\nPeftConfig.from_pretrained(r'{tmp_path}')\n"
     tucker_lora.TuckerAdapterConfig(target_modules=["x"]).save_pretrained(tmp_path)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "TUCKER" in result.stderr

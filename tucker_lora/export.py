@@ -121,3 +121,69 @@ def diffusers_lora_state_dict(model: nn.Module, adapter_name: str = "default", p
     if not tensors:
         raise ValueError(f"The model has no Tucker adapter named {adapter_name!r} to export.")
     return tensors
+
+
+KOHYA_CONV_FORMATS = ("tucker", "flat")
+
+
+def kohya_lora_state_dict(
+    model: nn.Module, adapter_name: str = "default", prefix: str = "lora_unet", conv_format: str = "tucker"
+) -> dict[str, torch.Tensor]:
+    """
+    The Tucker adapter `adapter_name` as a kohya / sd-scripts LoRA state dict (the format of AUTOMATIC1111, ComfyUI,
+    LyCORIS): keys `{prefix}_{module path with "_"}.lora_down.weight`, `.lora_up.weight` and `.alpha`.
+
+    Linear layers and 1x1 convolutions are a LoRA pair (`lora_down` = `C x U_in^T`, `lora_up` = `U_out`). A kxk
+    convolution keeps its Tucker form with `conv_format="tucker"`, LyCORIS' "tucker" LoCon layout: `lora_down`
+    (1x1, `U_in^T`), `lora_mid` (the kxk core, applied with the layer's stride and padding) and `lora_up` (1x1,
+    `U_out`); a core with unequal ranks is zero-padded to a square one, which changes nothing, because these loaders
+    read one rank per module. With `conv_format="flat"` the kernel is folded into a kxk `lora_down` (PEFT LoRA's
+    flattened conv), which loaders without `lora_mid` support (diffusers) read too.
+
+    Every module gets the same `alpha` (the file's largest rank) and `lora_up` holds the Tucker scaling times
+    `rank / alpha`, so that the kohya convention `dW = alpha / rank * lora_up @ (lora_mid @) lora_down` gives the
+    Tucker delta exactly. One alpha for the whole file matters: diffusers' kohya converter (0.42) loses the
+    per-module alphas of attention layers when they differ, and then scales every module by the most common one.
+
+    Save it with `safetensors.torch.save_file`.
+    """
+    if conv_format not in KOHYA_CONV_FORMATS:
+        raise ValueError(f"`conv_format` must be one of {KOHYA_CONV_FORMATS}; got {conv_format!r}.")
+    modules = {}  # kohya name -> (scaling, lora_down, lora_mid or None, lora_up), all unscaled
+    for name, layer, lora_a, lora_b in _lora_pairs(model, adapter_name):
+        scaling = layer.tucker_alpha[adapter_name] / layer.tucker_r_init[adapter_name]
+        key = f"{prefix}_{name.replace('.', '_')}" if prefix else name.replace(".", "_")
+        spatial = isinstance(layer, Conv2d) and tuple(layer.get_base_layer().kernel_size) != (1, 1)
+        if spatial and conv_format == "tucker":
+            with torch.no_grad():
+                modules[key] = (scaling, *_kohya_tucker_conv(layer, adapter_name))
+        else:
+            modules[key] = (scaling, lora_a, None, lora_b)
+    if not modules:
+        raise ValueError(f"The model has no Tucker adapter named {adapter_name!r} to export.")
+    alpha = max(down.shape[0] for _, down, _, _ in modules.values())
+    tensors = {}
+    for key, (scaling, down, mid, up) in modules.items():
+        tensors[f"{key}.lora_down.weight"] = down.detach().float().contiguous().cpu()
+        if mid is not None:
+            tensors[f"{key}.lora_mid.weight"] = mid.detach().float().contiguous().cpu()
+        up = up * (scaling * down.shape[0] / alpha)
+        tensors[f"{key}.lora_up.weight"] = up.detach().float().contiguous().cpu()
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    return tensors
+
+
+def _kohya_tucker_conv(layer: Conv2d, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(lora_down, lora_mid, lora_up)` of a kxk Tucker conv (unscaled), padded with zeros to one rank
+    `r = max(r_out, r_in)`: shapes `(r, in, 1, 1)`, `(r, r, kh, kw)`, `(out, r, 1, 1)`."""
+    u_out, u_in = layer.active_bases(adapter_name)[:2]
+    kernel = layer.spatial_kernel(adapter_name)
+    r_out, r_in = kernel.shape[:2]
+    rank = max(r_out, r_in)
+    down = u_in.new_zeros(rank, u_in.shape[0], 1, 1)
+    down[:r_in, :, 0, 0] = u_in.T
+    mid = kernel.new_zeros(rank, rank, *kernel.shape[2:])
+    mid[:r_out, :r_in] = kernel
+    up = u_out.new_zeros(u_out.shape[0], rank, 1, 1)
+    up[:, :r_out, 0, 0] = u_out
+    return down, mid, up

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # hub ids named in the help; nothing loads unless a flag is given
+DEFAULT_DINO = "facebook/dino-vits16"  # the DreamBooth paper's DINO ViT-S/16
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -52,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file name in instance_data_dir kept out of training for the held-out loss",
     )
+    # DreamBooth's image metrics of the final validation images against the instance photos (nothing loads without)
+    a(
+        "--clip_model_name_or_path",
+        default=None,
+        help=f"CLIP model (folder or hub id, e.g. {DEFAULT_CLIP}) for CLIP-I and CLIP-T in metrics.json",
+    )
+    a(
+        "--dino_model_name_or_path",
+        default=None,
+        help=f"DINO ViT (folder or hub id, e.g. {DEFAULT_DINO}, the paper's ViT-S/16) for DINO in metrics.json",
+    )
     # the adapter
     a("--method", default="tucker", choices=("tucker", "lora"))
     a("--rank", type=int, default=4, help="Tucker: initial rank; LoRA: rank (alpha = rank)")
@@ -60,7 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--core_steps", type=int, default=None, help="Tucker: steps between augmentation and truncation (default 10)")
     a("--augment_start_step", type=int, default=None, help="Tucker: steps before the first augmentation (default 10)")
     a("--target_modules", nargs="+", default=DEFAULT_TARGETS, help="attention only: to_q to_k to_v to_out.0")
-    a("--output_kohya_format", action="store_true", help="not supported yet: an error says so")
+    a(
+        "--output_kohya_format",
+        action="store_true",
+        help="also write pytorch_lora_weights_kohya.safetensors (kohya / sd-scripts keys: AUTOMATIC1111, ComfyUI)",
+    )
+    a(
+        "--kohya_conv_format",
+        default=None,
+        choices=("tucker", "flat"),
+        help="Tucker kxk convs in the kohya file: 'tucker' (default; lora_down 1x1 / lora_mid kxk / lora_up 1x1, "
+        "LyCORIS' layout) or 'flat' (kxk lora_down, what diffusers' kohya loader reads)",
+    )
     return p
 
 
@@ -97,6 +121,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.with_prior_preservation and not args.class_data_dir:
         raise ValueError("`class_data_dir` is required with `with_prior_preservation` (class images are read from it "
                          "and generated into it when fewer than `num_class_images`); got None.")  # fmt: skip
-    if args.output_kohya_format:
-        raise ValueError("`output_kohya_format` is not supported yet; use pytorch_lora_weights.safetensors.")
+    for name in ("clip_model_name_or_path", "dino_model_name_or_path"):
+        value = getattr(args, name)
+        if value and not args.validation_prompt:
+            raise ValueError(
+                f"`{name}` scores the validation images and needs `validation_prompt`; got {name}={value!r} and no "
+                "validation_prompt."
+            )
+    if args.kohya_conv_format is not None and not args.output_kohya_format:
+        raise ValueError(
+            f"`kohya_conv_format` needs `output_kohya_format`; got kohya_conv_format={args.kohya_conv_format!r}."
+        )
+    if args.method == "lora" and args.kohya_conv_format == "tucker":
+        raise ValueError("`kohya_conv_format` 'tucker' needs `--method tucker` (LoRA convs are flat); got 'tucker'.")
+    if args.output_kohya_format and args.kohya_conv_format is None:
+        args.kohya_conv_format = "tucker" if args.method == "tucker" else "flat"
     return args

@@ -1,4 +1,5 @@
-"""Final adapter files: the adapter in PEFT format and `pytorch_lora_weights.safetensors` in diffusers format."""
+"""Final adapter files: the adapter in PEFT format, `pytorch_lora_weights.safetensors` in diffusers format and,
+optionally, `pytorch_lora_weights_kohya.safetensors` in kohya / sd-scripts format."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' training scripts use
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -63,5 +65,29 @@ def save_diffusers_lora(model: nn.Module, output_dir: str, method: str, adapter_
         }
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, DIFFUSERS_WEIGHT_NAME)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return path
+
+
+def save_kohya_lora(
+    model: nn.Module, output_dir: str, method: str, conv_format: str = "tucker", adapter_name: str = "default"
+) -> str:
+    """`pytorch_lora_weights_kohya.safetensors`: keys `lora_unet_<module>.lora_down/lora_up.weight` and `.alpha`
+    (= the rank: the scaling is folded in); a Tucker kxk conv adds `.lora_mid.weight` with `conv_format="tucker"`."""
+    if method == "tucker":
+        from tucker_lora.export import kohya_lora_state_dict
+
+        tensors = kohya_lora_state_dict(model, adapter_name, prefix="lora_unet", conv_format=conv_format)
+    else:
+        from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+        # alpha == rank: the scale is 1, and diffusers' converter writes alpha = rank
+        peft = {
+            f"unet.{k}": v.detach().float().contiguous().cpu()
+            for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
+        }
+        tensors = {k: v.float() for k, v in convert_state_dict_to_kohya(peft).items()}
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, KOHYA_WEIGHT_NAME)
     save_file(tensors, path, metadata={"format": "pt"})
     return path

@@ -9,7 +9,8 @@ rank cycle around the optimizer step: backward, clipping, `updater.before_step()
         --instance_prompt "a photo of sks dog" --method tucker --tau 0.1 --output_dir out
 
 Outputs in `--output_dir`: `tucker_adapter/` (PEFT format, reloadable with tucker_lora) or `lora_adapter/`,
-`pytorch_lora_weights.safetensors` (diffusers format, loads with stock diffusers), `metrics.json`,
+`pytorch_lora_weights.safetensors` (diffusers format, loads with stock diffusers),
+`pytorch_lora_weights_kohya.safetensors` (kohya format, with `--output_kohya_format`), `metrics.json`,
 `validation/*.png`, `ranks.png` (Tucker), and `checkpoint-N/` folders.
 """
 
@@ -40,7 +41,7 @@ from data import (  # noqa: E402
     split_prior_loss,
 )
 from params import adapter_parameter_count, lora_parameter_count  # noqa: E402
-from sampling import generate, save_grid  # noqa: E402
+from sampling import generate, save_grid, to_pil  # noqa: E402
 
 logger = logging.getLogger("train_dreambooth")
 HELDOUT_DRAWS = 8  # fixed (noise, timestep) draws per held-out image
@@ -181,6 +182,12 @@ def main(argv: list[str] | None = None) -> dict:
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
     )
+    if accelerator.mixed_precision != "no" and not accelerator.native_amp:
+        # accelerate has no fp16 autocast on CPU: the bf16/fp16 base would meet float32 adapters and fail mid-forward
+        raise ValueError(
+            f"`mixed_precision` {args.mixed_precision!r} needs autocast, which accelerate does not provide on "
+            f"{accelerator.device.type!r}; use 'bf16' on a CPU (or 'no'). Got {args.mixed_precision!r}."
+        )
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)  # adapter initialization
@@ -293,7 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
                 args.output_dir, global_step, model, optimizer, lr_scheduler,
                 {"global_step": global_step, "history": history, "method": args.method}, args.checkpoints_total_limit,
             )  # fmt: skip
-        if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0:
+        # the last step's validation comes after `finalize`, in save_outputs
+        mid_run = global_step < args.max_train_steps
+        if args.validation_prompt and args.validation_steps and global_step % args.validation_steps == 0 and mid_run:
             run_validation(args, model, text_encoder, vae, noise_scheduler, global_step, accelerator)
 
     if updater is not None:
@@ -307,26 +316,51 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-def run_validation(args, model, text_encoder, vae, noise_scheduler, step: int, accelerator) -> str | None:
+def run_validation(args, model, text_encoder, vae, noise_scheduler, step: int, accelerator):
+    """`(grid path, images)` of `--num_validation_images` samples of `--validation_prompt`; `(None, None)` off the
+    main process."""
     if not accelerator.is_main_process:
-        return None
+        return None, None
     images = generate(
         model, text_encoder, vae, noise_scheduler.config, [args.validation_prompt] * args.num_validation_images,
         seed=args.seed, num_inference_steps=args.num_inference_steps,
     )  # fmt: skip
-    return save_grid(images, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
+    return save_grid(images, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png")), images
+
+
+def score_images(args, images, device) -> dict | None:
+    """CLIP-I / CLIP-T / DINO of the final validation images against every photo in `instance_data_dir`, when
+    `--clip_model_name_or_path` or `--dino_model_name_or_path` is given (the models load only then)."""
+    if images is None or not (args.clip_model_name_or_path or args.dino_model_name_or_path):
+        return None
+    from image_metrics import image_metrics, subject_prompt
+    from PIL import Image
+
+    real = []
+    for path in list_images(args.instance_data_dir, "instance_data_dir"):
+        with Image.open(path) as image:
+            real.append(image.convert("RGB"))
+    prompt = subject_prompt(args.validation_prompt, args.instance_prompt, args.class_prompt)
+    return image_metrics(
+        to_pil(images), real, prompt, args.clip_model_name_or_path, args.dino_model_name_or_path, device
+    )
 
 
 def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldout, heldout_base, classes,
                  weight_dtype, accelerator, start_time) -> dict:  # fmt: skip
-    from export_diffusers import save_adapter, save_diffusers_lora
+    from export_diffusers import save_adapter, save_diffusers_lora, save_kohya_lora
 
     adapter_dir = save_adapter(model, args.output_dir, args.method)
     weights = save_diffusers_lora(model, args.output_dir, args.method)
-    validation = (
+    kohya = (
+        save_kohya_lora(model, args.output_dir, args.method, args.kohya_conv_format)
+        if args.output_kohya_format
+        else None
+    )
+    validation, images = (
         run_validation(args, model, text_encoder, vae, noise_scheduler, args.max_train_steps, accelerator)
         if args.validation_prompt
-        else None
+        else (None, None)
     )
     metrics = {
         "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
@@ -348,12 +382,13 @@ def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldo
         "class_drift": class_drift(model, noise_scheduler, classes, text_encoder, args.seed, weight_dtype)
         if classes
         else None,
+        "image_metrics": score_images(args, images, accelerator.device),  # CLIP-I, CLIP-T, DINO
         "active_trainable_params": adapter_parameter_count(model, args.method),
         "lora_r4_params_same_layers": lora_parameter_count(model, 4),
         "final_ranks": None,
         "wall_time_s": round(time.time() - start_time, 1),
         "versions": versions(),
-        "outputs": {"adapter": adapter_dir, "diffusers_lora": weights, "validation": validation},
+        "outputs": {"adapter": adapter_dir, "diffusers_lora": weights, "kohya_lora": kohya, "validation": validation},
     }
     if args.method == "tucker":
         import tucker_lora

@@ -39,6 +39,33 @@ def tiny_unet_config(cross_attention_dim: int = 384) -> dict:
     }
 
 
+ADAPTED_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+
+
+def adapted_tiny_unet(folder: Path):
+    """A tiny UNet (saved to `folder/base` without adapter) with a Tucker adapter as after training: random cores at
+    unequal ranks and alpha != r (so that a folded scaling matters), on attention and 3x3 convs; and its inputs."""
+    from diffusers import UNet2DConditionModel
+
+    import tucker_lora
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim=16)).eval()
+    unet.save_pretrained(folder / "base")
+    config = tucker_lora.TuckerAdapterConfig(
+        r=3, alpha=5.0, r_max=4, target_modules=ADAPTED_TARGETS, init_weights=False,
+        rank_pattern={"down_blocks.0.resnets.0.conv1": [2, 3], "to_v": [1, 2]},
+    )  # fmt: skip
+    unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "sample": torch.randn(2, 32, 8, 8, generator=generator),
+        "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(2, 5, 16, generator=generator),
+    }
+    return unet, inputs
+
+
 def make_tiny_base(folder: Path) -> Path:
     from components import OFFLINE_MARKER
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -72,3 +99,40 @@ def train_args(base: Path, instances: Path, output: Path, *extra: str) -> list[s
         "--instance_prompt", "a photo of sks dog", "--output_dir", str(output), "--resolution", str(RESOLUTION),
         "--learning_rate", "1e-2", "--logging_steps", "1", "--seed", "0", "--center_crop", *extra,
     ]  # fmt: skip
+
+
+def make_tiny_clip(folder: Path) -> Path:
+    """A randomly initialized tiny `CLIPModel` with its processor (a letter-level CLIP tokenizer, 32x32 images),
+    saved like a hub checkpoint."""
+    import string
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    torch.manual_seed(0)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in string.ascii_lowercase:  # no merges: every word is spelled out letter by letter
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    text = {"vocab_size": len(vocab), "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 1}  # fmt: skip
+    tiny = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    vision = {"image_size": 32, "patch_size": 8}
+    CLIPModel(
+        CLIPConfig(text_config={**tiny, **text}, vision_config={**tiny, **vision}, projection_dim=8)
+    ).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_dino(folder: Path) -> Path:
+    """A randomly initialized tiny ViT (the architecture of the DINO checkpoints) with its image processor."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2)  # fmt: skip
+    ViTModel(config).save_pretrained(folder)
+    return folder

@@ -8,39 +8,16 @@ import sys
 import textwrap
 
 import torch
-from dreambooth_fixtures import REPO, tiny_unet_config
+from dreambooth_fixtures import REPO, adapted_tiny_unet
 from export_diffusers import DIFFUSERS_WEIGHT_NAME, load_adapter, save_adapter, save_diffusers_lora
 from safetensors.torch import load_file
 
 import tucker_lora
 from tests.tolerances import assert_close
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
-
-
-def _adapted_unet(tmp_path):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim=16)).eval()
-    unet.save_pretrained(tmp_path / "base")
-    # random cores at unequal ranks (as after training) and alpha != r, so that the folded scaling matters
-    config = tucker_lora.TuckerAdapterConfig(
-        r=3, alpha=5.0, r_max=4, target_modules=TARGETS, init_weights=False,
-        rank_pattern={"down_blocks.0.resnets.0.conv1": [2, 3], "to_v": [1, 2]},
-    )  # fmt: skip
-    unet.add_adapter(config)
-    generator = torch.Generator().manual_seed(1)
-    inputs = {
-        "sample": torch.randn(2, 32, 8, 8, generator=generator),
-        "timestep": torch.tensor([10, 500]),
-        "encoder_hidden_states": torch.randn(2, 5, 16, generator=generator),
-    }
-    return unet, inputs
-
 
 def test_diffusers_file_keys_and_stock_loader_reproduce_the_tucker_unet(tmp_path):
-    unet, inputs = _adapted_unet(tmp_path)
+    unet, inputs = adapted_tiny_unet(tmp_path)
     with torch.no_grad():
         expected = unet(**inputs).sample
     path = save_diffusers_lora(unet, str(tmp_path / "out"), "tucker")
@@ -76,7 +53,7 @@ def test_diffusers_file_keys_and_stock_loader_reproduce_the_tucker_unet(tmp_path
 def test_peft_format_adapter_reloads_at_the_final_ranks(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    unet, inputs = _adapted_unet(tmp_path)
+    unet, inputs = adapted_tiny_unet(tmp_path)
     with torch.no_grad():
         expected = unet(**inputs).sample
     folder = save_adapter(unet, str(tmp_path / "out"), "tucker")

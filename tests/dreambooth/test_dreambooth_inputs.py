@@ -33,6 +33,10 @@ def test_diffusers_argument_set_parses():
     assert defaults.lr_scheduler == "linear" and defaults.tau == 0.1  # decays to zero; Tucker's default tolerance
     attention_only = parse_args([*DIFFUSERS_COMMAND, "--target_modules", "to_q", "to_k", "to_v", "to_out.0"])
     assert attention_only.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert defaults.kohya_conv_format is None and not defaults.output_kohya_format
+    kohya = parse_args([*DIFFUSERS_COMMAND, "--output_kohya_format"])
+    assert kohya.kohya_conv_format == "tucker"  # a Tucker conv keeps its form (lora_mid) by default
+    assert parse_args([*DIFFUSERS_COMMAND, "--method", "lora", "--output_kohya_format"]).kohya_conv_format == "flat"
 
 
 @pytest.mark.parametrize(
@@ -44,6 +48,8 @@ def test_diffusers_argument_set_parses():
         (["--rank", "0"], "`rank` must be >= 1; got 0"),
         (["--rank", "4", "--r_max", "2"], "`r_max` must be >= `rank`"),
         (["--checkpoints_total_limit", "0"], "`checkpoints_total_limit` must be >= 1"),
+        (["--kohya_conv_format", "flat"], "`kohya_conv_format` needs `output_kohya_format`"),
+        (["--method", "lora", "--output_kohya_format", "--kohya_conv_format", "tucker"], "'tucker' needs `--method"),
     ],
 )
 def test_bad_arguments_are_named(extra, message):

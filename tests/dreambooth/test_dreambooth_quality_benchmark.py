@@ -1,0 +1,29 @@
+"""`benchmarks/dreambooth_quality.py` end to end on the tiny test base, one short setting, with the image metrics."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from dreambooth_fixtures import REPO
+
+
+def test_benchmark_writes_the_table_with_image_metrics(tiny_base, instance_dir, tiny_clip, tiny_dino, tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import dreambooth_quality
+
+    out = tmp_path / "bench"
+    dreambooth_quality.main([
+        "--base", str(tiny_base), "--instance_data_dir", str(instance_dir), "--heldout_image", "02.jpg",
+        "--seeds", "0", "--taus", "0.3", "--max_train_steps", "2", "--only", "tucker tau=0.3 attn",
+        "--output_dir", str(out), "--clip_model_name_or_path", str(tiny_clip),
+        "--dino_model_name_or_path", str(tiny_dino), "--num_validation_images", "1",
+    ])  # fmt: skip
+    report = json.loads((out / "dreambooth_quality.json").read_text())
+    [row] = report["table"]
+    assert row["setting"] == "tucker tau=0.3 attn" and row["seeds"] == 1
+    for name in ("clip_i", "clip_t", "dino"):
+        assert -1 <= row[name] <= 1 and row[name] == report["runs"][0][name], name
+    table = (out / "dreambooth_quality.md").read_text()
+    assert "| CLIP-I | CLIP-T | DINO |" in table
+    assert (out / "dreambooth_quality.png").is_file()
