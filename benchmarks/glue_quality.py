@@ -103,10 +103,15 @@ def to_argv(options: dict) -> list[str]:
 def run_once(options: dict, output_dir: Path, timeout_s: float, log_path: Path, threads: int) -> dict:
     """One recipe run in its own process with `threads` OpenMP threads; returns its metrics.json (reused if the run
     already finished)."""
-    metrics_path = output_dir / "metrics.json"
+    metrics_path, options_path = output_dir / "metrics.json", output_dir / "benchmark_options.json"
+    wanted = json.dumps(options, sort_keys=True, default=str)
     if metrics_path.is_file():
-        return json.loads(metrics_path.read_text(encoding="utf-8"))
+        # a finished run is reused only for the very options it ran with (older runs carry no record: reused)
+        if not options_path.is_file() or options_path.read_text(encoding="utf-8") == wanted:
+            return json.loads(metrics_path.read_text(encoding="utf-8"))
+        metrics_path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
+    options_path.write_text(wanted, encoding="utf-8")
     command = [
         sys.executable,
         str(RECIPE),
@@ -135,16 +140,18 @@ def run_all(jobs: list[tuple[dict, Path, Path]], desc: str, timeout_s: float, pa
 
 
 def family(preset: dict, method: str) -> str:
-    """The recipe method behind a preset method name: a variant's `method`, else the name itself."""
-    return preset.get("variants", {}).get(method, {}).get("method", method)
+    """The curve a preset method name belongs to: a variant's `family` (e.g. a method at another scaling, drawn as
+    a curve of its own), else its `method`, else the name itself."""
+    variant = preset.get("variants", {}).get(method, {})
+    return variant.get("family", variant.get("method", method))
 
 
 def run_options(preset: dict, task: str, method: str, seed: int, chosen: dict | None = None) -> dict:
     """The recipe's options for one run: the preset's common, task and method values, then `chosen[method]`, then a
     variant's own values (`variants` entries such as `{"lora_r2": {"method": "lora", "rank": 2}}` draw a method at
     other settings: LoRA's rank curve, Tucker at several tau)."""
-    base = family(preset, method)
-    variant = {k: v for k, v in preset.get("variants", {}).get(method, {}).items() if k != "method"}
+    base = preset.get("variants", {}).get(method, {}).get("method", method)
+    variant = {k: v for k, v in preset.get("variants", {}).get(method, {}).items() if k not in ("method", "family")}
     options = {
         "task": task,
         "method": base,

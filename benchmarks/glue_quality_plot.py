@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MARKERS = {"tucker": ("o", "tab:blue"), "lora": ("s", "tab:orange"), "adalora": ("^", "tab:green")}
+MARKERS = {
+    "tucker": ("o", "tab:blue"),
+    "tucker alpha 16": ("o", "lightsteelblue"),
+    "lora": ("s", "tab:orange"),
+    "adalora": ("^", "tab:green"),
+}
 
 
 def plot_quality(summary: dict, path: Path, title: str) -> Path:

@@ -46,6 +46,10 @@ def test_variants_draw_a_method_at_other_settings(tmp_path: Path):
     assert options["method"] == "lora" and options["rank"] == 2 and options["alpha"] == 16
     options = glue_quality.run_options(preset, "sst2", "tucker_tau30", 0, {"tucker": {"tau": 0.1, "r_max": 12}})
     assert options["method"] == "tucker" and options["tau"] == 0.3 and options["r_max"] == 12
+    options = glue_quality.run_options(preset, "sst2", "tucker_a16_tau20", 0)
+    assert options["method"] == "tucker" and options["alpha"] == 16 and options["tau"] == 0.2
+    assert "family" not in options and glue_quality.family(preset, "tucker_a16_tau20") == "tucker alpha 16"
+    assert glue_quality.run_options(preset, "sst2", "tucker", 0)["alpha"] == 64
     runs = [fake_run("sst2", "lora", 0, 0.85, 1000), fake_run("sst2", "lora_r2", 0, 0.80, 250),
             fake_run("sst2", "tucker", 0, 0.86, 400)]  # fmt: skip
     summary = glue_quality.aggregate(runs, {"tasks": {"sst2": {}}, "methods": ["lora", "lora_r2", "tucker"],
@@ -125,6 +129,12 @@ def test_one_tiny_run_end_to_end(tiny_bert_dir: Path, glue_dir: Path, tmp_path: 
     assert saved["summary"]["cells"]["rte/lora"]["score"]["n"] == 2
     assert (results / "glue_quality_preset.md").read_text().startswith("# GLUE quality, preset `preset`")
     assert saved["figure"] == "glue_quality_preset.png" and (results / "glue_quality_preset.png").stat().st_size > 0
+    # a finished run is reused for the same options only: another rank reruns it
+    first = record["runs"][0]["active_trainable_parameters"]
+    path.write_text(json.dumps({**preset, "seeds": [0], "common": {**preset["common"], "rank": 2}}))
+    again = glue_quality.main(["--preset", str(path), "--output_dir", str(tmp_path / "runs"), "--results_dir",
+                               str(results), "--timeout_s", "300"])  # fmt: skip
+    assert again["runs"][0]["active_trainable_parameters"] < first
 
 
 def test_select_picks_per_method_tucker_within_the_parameter_budget(monkeypatch: pytest.MonkeyPatch):
