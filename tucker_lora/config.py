@@ -35,7 +35,9 @@ class TuckerAdapterConfig(PeftConfig):
             allocated once at `min(n_i, 2 * r_max)` columns per basis, so that augmentation never reallocates.
         r_min (`int`): smallest rank a mode may keep (>= 1, so an adapter never dies).
         alpha (`float`): the scaling is `s = alpha / r`, fixed for the life of the adapter (never recomputed when
-            ranks change).
+            ranks change). Under Adam a Tucker core grows far fewer entries per step than LoRA's factors, so Tucker
+            wants about 4x LoRA's scaling: the GLUE recipe uses alpha 64 at r 8 where LoRA uses 16
+            (`docs/training.md`).
         dropout (`float`): dropout on the adapter's input.
         target_modules (`list[str] | str`, *optional*): module names (suffix match) or a regex; defaults exist for
             `deberta-v2` and `bert`.
