@@ -29,7 +29,6 @@ Peak memory is measured in a fresh subprocess per method (so that methods cannot
     python benchmarks/overhead.py --quick                 # 2 layers, small batch: smoke test
     python benchmarks/overhead.py --device cuda --warmup 4 --steps 44   # 4 whole cycles of core_steps=10
     python benchmarks/overhead.py --profile               # torch.profiler: top ops of a Tucker step vs a LoRA step
-    python benchmarks/overhead.py --layer-proposal capacity_fused   # Tucker rows with a candidate layer forward
 
 A rank-update cycle is `core_steps + 1` optimizer steps; choose `--steps` as a multiple of it (44 = 4 cycles of
 core_steps=10 = 22 cycles of core_steps=1) so that the mean is the amortized cost.
@@ -50,7 +49,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
-import layer_proposals  # noqa: E402
 
 LR, WEIGHT_DECAY = 5e-4, 0.01
 TARGETS = {"tucker_c10": 1.10, "tucker_c1": 1.25}
@@ -97,9 +95,6 @@ class Method:
         else:
             raise ValueError(f"unknown method {name!r}")
         from tucker_lora import TuckerLayer
-
-        if args.layer_proposal and name.startswith("tucker"):
-            layer_proposals.install(self.model, args.layer_proposal)
 
         self.tucker_layers = [m for m in self.model.modules() if isinstance(m, TuckerLayer)]
         self.bases = [b for layer in self.tucker_layers for bl in layer.tucker_bases.values() for b in bl]
@@ -281,7 +276,7 @@ def measure_memory(args: argparse.Namespace, names: list[str]) -> dict:
             str(args.memory_steps),
             "--adalora-total-step",
             str(args.adalora_total_step),
-        ] + (["--layer-proposal", args.layer_proposal] if args.layer_proposal else [])
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((s for s in proc.stdout.splitlines() if s.startswith("MEMORY_JSON ")), None)
         if proc.returncode != 0 or line is None:
@@ -435,11 +430,6 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print torch.profiler top ops: Tucker vs LoRA")
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--profile-rows", type=int, default=20)
-    parser.add_argument(
-        "--layer-proposal",
-        choices=layer_proposals.PROPOSALS,
-        help="run the Tucker methods with a candidate forward of benchmarks/layer_proposals.py (not the package's)",
-    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 layers, batch 2 x seq 64, few steps")
     parser.add_argument("--output", type=Path, help="write the JSON report here (and the table next to it, .md)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -487,7 +477,6 @@ def main() -> None:
                 else "peak RSS (VmHWM) - RSS after build, fresh subprocess per method"
             ),
             "updater_available": updater_available,
-            "tucker_layer_forward": args.layer_proposal or "package (tucker_lora.layer)",
             "command": " ".join(sys.argv),
         },
         "targets": {
