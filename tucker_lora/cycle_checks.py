@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -122,19 +123,29 @@ def check_optimizer_holds_cores(updater: Any) -> None:
         )
 
 
+def count_optimizer_steps(updater: Any) -> None:
+    """Counts the steps of the updater's optimizer with a step post-hook: a Python counter for the call-order checks
+    (reading Adam's `state["step"]` instead would read a tensor on every step, a device sync when it lives on an
+    accelerator). The hook holds the updater weakly and is removed when the updater goes."""
+    updater._optimizer_step_count = 0
+    if updater.optimizer is None:
+        return
+    ref = weakref.ref(updater)
+
+    def count(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._optimizer_step_count += 1
+
+    handle = updater.optimizer.register_step_post_hook(count)
+    weakref.finalize(updater, handle.remove)
+
+
 def _optimizer_steps(updater: Any) -> int | None:
-    """The optimizer's own step count for the cores (Adam's `state["step"]`); None when it keeps none."""
+    """How many times the optimizer stepped since the updater was made; None without an optimizer."""
     if updater.optimizer is None:
         return None
-    counts = []
-    for group in updater.groups:
-        for _, layer in group.layers:
-            count = updater.optimizer.state.get(layer.tucker_core[group.name], {}).get("step")
-            counts.append(int(count) if count is not None else 0)
-    return max(counts) if counts and isinstance(updater.optimizer, _COUNTING) else None
-
-
-_COUNTING = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
+    return getattr(updater, "_optimizer_step_count", 0)
 
 
 def _check_adapters_exist(updater: Any) -> None:
@@ -161,7 +172,7 @@ def check_before_step(updater: Any) -> None:
     if recorded is not None and now is not None and now > recorded:
         raise RuntimeError(
             f"optimizer.step() ran before before_step() at optimizer step {n}: the optimizer stepped the bases with "
-            f"their gradients (the optimizer's step count is {now}, {recorded} at the last after_step()). {CALL_ORDER}"
+            f"their gradients ({now - recorded} optimizer step(s) since the last after_step()). {CALL_ORDER}"
         )
     updater._before_step_done = True
 

@@ -31,6 +31,7 @@ from .cycle_checks import (
     check_before_step,
     check_optimizer_holds_cores,
     cores_replaced,
+    count_optimizer_steps,
     record_cores,
     skip_nonfinite_event,
 )
@@ -167,6 +168,7 @@ class TuckerRankUpdater:
             for _, layer in group.layers:
                 _UPDATED_LAYERS.add(layer)
         check_optimizer_holds_cores(self)
+        count_optimizer_steps(self)
         record_cores(self)
 
     def _find_groups(self, adapter_names: str | list[str] | None) -> list[_Group]:
