@@ -45,8 +45,23 @@ def cores_replaced(updater: Any, group: Any) -> bool:
     return True
 
 
-def _finite(tensor: torch.Tensor | None) -> bool:
-    return tensor is None or bool(torch.isfinite(tensor).all())
+def _finite_flags(tensors: list[torch.Tensor | None]) -> list[bool]:
+    """Whether each tensor holds only finite values (None counts as finite), with one host read for all: the largest
+    magnitude of each (NaN and inf propagate) from one multi-tensor call."""
+    present = [t.detach() for t in tensors if t is not None]
+    flags = iter(torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))).tolist() if present else [])
+    return [True if t is None else next(flags) for t in tensors]
+
+
+def _modules_with_nonfinite(group: Any, per_layer: list) -> list[str]:
+    """The modules of `group` whose tensors (`per_layer[i]` for layer i) hold NaN or inf, from one host read."""
+    flags = _finite_flags([t for tensors in per_layer for t in tensors])
+    bad, start = [], 0
+    for (module, _), tensors in zip(group.layers, per_layer):
+        if not all(flags[start : start + len(tensors)]):
+            bad.append(module)
+        start += len(tensors)
+    return bad
 
 
 def skip_nonfinite_event(updater: Any, group: Any, action: str, step: int) -> bool:
@@ -66,11 +81,8 @@ def skip_nonfinite_event(updater: Any, group: Any, action: str, step: int) -> bo
         `FloatingPointError`: if a core of `group` holds NaN or inf.
     """
     # with `train_bases` the optimizer steps the bases too: a non-finite step reaches them as it reaches the core
-    bad_cores = [
-        module
-        for module, layer in group.layers
-        if not all(_finite(t) for t in (layer.tucker_core[group.name], *layer.tucker_bases[group.name]))
-    ]
+    per_layer = [(layer.tucker_core[group.name], *layer.tucker_bases[group.name]) for _, layer in group.layers]
+    bad_cores = _modules_with_nonfinite(group, per_layer)
     if bad_cores:
         raise FloatingPointError(
             f"Tucker cores of adapter {group.name!r} hold NaN or inf after optimizer step {step}, in {bad_cores}: the "
@@ -79,11 +91,8 @@ def skip_nonfinite_event(updater: Any, group: Any, action: str, step: int) -> bo
         )
     if action != "augment":
         return False
-    bad_grads = [
-        module
-        for module, layer in group.layers
-        if not all(_finite(grad) for grad in updater._basis_grads.get(id(layer), []))
-    ]
+    grads = [updater._basis_grads.get(id(layer), []) for _, layer in group.layers]
+    bad_grads = _modules_with_nonfinite(group, grads)
     if not bad_grads:
         return False
     warnings.warn(

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import batched_cycle
 from .config import TuckerAdapterConfig
 from .cycle_checks import (
     check_after_step,
@@ -37,14 +38,8 @@ from .cycle_checks import (
 )
 from .distributed import broadcast_tensors, check_no_parameter_sharding, is_distributed
 from .layer import TuckerLayer
-from .optimizer_state import (
-    basis_state_after_augment,
-    basis_state_after_truncate,
-    state_after_augment,
-    state_after_truncate,
-    unwrap_optimizer,
-)
-from .rank_ops import augment, retract, truncate
+from .optimizer_state import basis_state_after_truncate, state_after_truncate, unwrap_optimizer
+from .rank_ops import apply_truncation, augment, retract, truncation_spectra
 
 logger = logging.getLogger(__name__)
 
@@ -207,17 +202,22 @@ class TuckerRankUpdater:
         n = self.step + 1
         for group in self.groups:
             keep = group.action(n, self.total_steps) == "augment"
-            for _, layer in group.layers:
-                bases = layer.tucker_bases[group.name]
-                if keep:
-                    # cloned: the optimizer step below must not see the same tensor change under it
-                    self._basis_grads[id(layer)] = [None if b.grad is None else b.grad.clone() for b in bases]
+            bases = [b for _, layer in group.layers for b in layer.tucker_bases[group.name]]
+            grads = [b.grad for b in bases if b.grad is not None]
+            if keep:
+                # copied (one multi-tensor call): the optimizer step below must not see the same tensor change
+                copies = iter(torch._foreach_mul(grads, 1.0) if grads else [])
+                for _, layer in group.layers:
+                    self._basis_grads[id(layer)] = [
+                        None if b.grad is None else next(copies) for b in layer.tucker_bases[group.name]
+                    ]
+            if not group.config.train_bases:
                 for basis in bases:
-                    if not group.config.train_bases:
-                        basis.grad = None
-                    elif basis.grad is not None:
-                        # a non-finite step would reach the bases; the core's raises at the next cycle event
-                        torch.nan_to_num_(basis.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                    basis.grad = None
+            else:
+                for grad in grads:
+                    # a non-finite step would reach the bases; the core's raises at the next cycle event
+                    torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
     def after_step(self) -> None:
         """Ends optimizer step `self.step + 1`: augments or truncates as the schedule says, then syncs processes."""
@@ -263,47 +263,87 @@ class TuckerRankUpdater:
     def _retract(self, group: _Group) -> None:
         """Orthonormal bases again after the optimizer stepped them (`train_bases`); `dW` unchanged. The optimizer
         state is kept as it is: the triangular factors are close to the identity after a few steps."""
-        for _, layer in group.layers:
-            core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
-            retract(core.data, [b.data for b in bases], layer.active_ranks(group.name))
+        for batch in batched_cycle.shape_batches(group.layers, group.name):
+            if not batched_cycle.retract(batch):
+                for layer, core, bases, ranks in zip(batch.layers, batch.cores, batch.bases, batch.ranks()):
+                    retract(core.data, [b.data for b in bases], ranks)
 
     @torch.no_grad()
     def _augment(self, group: _Group) -> None:
         if group.config.train_bases:
             self._retract(group)
-        for _, layer in group.layers:
-            core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
-            grads = self._basis_grads.get(id(layer), [None] * len(bases))
-            ranks = layer.active_ranks(group.name)
-            widths = augment(core.data, [b.data for b in bases], ranks, grads)
+        for batch in batched_cycle.shape_batches(group.layers, group.name):
+            ranks = batch.ranks()
+            grads = [self._basis_grads.get(id(layer), [None] * batch.n_modes) for layer in batch.layers]
+            widths = batched_cycle.augment(batch, grads)
+            if widths is None:  # a batched factorization failed: the per-layer reference, with its QR fallback
+                widths = [
+                    augment(core.data, [b.data for b in bases], r, g)
+                    for core, bases, r, g in zip(batch.cores, batch.bases, ranks, grads)
+                ]
             if self.optimizer is not None:
-                state_after_augment(self.optimizer, core, ranks)
-                if group.config.train_bases:
-                    for basis, rank in zip(bases, ranks):
-                        basis_state_after_augment(self.optimizer, basis, rank)
-            layer.set_active_ranks(group.name, widths)
+                batched_cycle.state_after_augment(self.optimizer, batch, ranks, group.config.train_bases)
+            batched_cycle.set_ranks(batch, widths)
         self._sync(group)
         group.augmented = True
 
     @torch.no_grad()
     def _truncate(self, group: _Group) -> None:
+        """HOSVD truncation of every layer in three phases: the spectra of all layers (batched per shape), the new
+        ranks of all layers (on the host), then the truncation itself (batched per shape)."""
         if group.config.train_bases:
             self._retract(group)
-        for module, layer in group.layers:
-            core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
-            widths = layer.active_ranks(group.name)
-            r_min, r_max = self._bounds(group, layer)
-            ranks, rotations = truncate(core.data, [b.data for b in bases], widths, group.config.tau, r_min, r_max)
-            if self.optimizer is not None:
-                state_after_truncate(self.optimizer, core, widths, rotations)
-                if group.config.train_bases:
-                    for basis, width, rotation in zip(bases, widths, rotations):
-                        basis_state_after_truncate(self.optimizer, basis, width, rotation)
-            layer.set_active_ranks(group.name, ranks)
+        batches = batched_cycle.shape_batches(group.layers, group.name)
+        spectra = [batched_cycle.truncation_spectra(batch) for batch in batches]
+        ranks = self._choose_ranks(group, batches, spectra)
+        for batch, batch_spectra, batch_ranks in zip(batches, spectra, ranks):
+            self._apply_truncation(group, batch, batch_spectra, batch_ranks)
+            batched_cycle.set_ranks(batch, batch_ranks)
         self._sync(group)
         group.augmented = False
         for module, layer in group.layers:
             group.settled[module] = layer.active_ranks(group.name)
+
+    def _choose_ranks(
+        self, group: _Group, batches: list[batched_cycle.LayerBatch], spectra: list[batched_cycle.BatchSpectra]
+    ) -> list[list[list[int]]]:
+        """Phase 2 of a truncation, on the host: the new ranks of every layer of every batch (the tolerance rule)."""
+        out = []
+        for batch, batch_spectra in zip(batches, spectra):
+            r_min, r_max = self._bounds(group, batch.layers[0])
+            out.append(batched_cycle.ranks_for_tolerance(batch_spectra, group.config.tau, r_min, r_max))
+        return out
+
+    def _apply_truncation(
+        self,
+        group: _Group,
+        batch: batched_cycle.LayerBatch,
+        spectra: batched_cycle.BatchSpectra,
+        ranks: list[list[int]],
+    ) -> None:
+        """Phase 3 for one batch, with the optimizer state following; the per-layer reference where a batched
+        factorization fails."""
+        train_bases = group.config.train_bases
+        padded = batched_cycle.apply_truncation(batch, spectra, ranks)
+        if padded is not None:
+            rotations = batched_cycle.per_layer_rotations(padded, spectra.widths, ranks)
+        else:
+            rotations = []
+            for index, (core, bases) in enumerate(zip(batch.cores, batch.bases)):
+                widths = spectra.widths[index]
+                layer_spectra = truncation_spectra(core.data, widths)
+                rotations.append(
+                    apply_truncation(core.data, [b.data for b in bases], widths, layer_spectra, ranks[index])
+                )
+        if self.optimizer is None:
+            return
+        if padded is not None and batched_cycle.state_after_truncate(self.optimizer, batch, padded, train_bases):
+            return
+        for core, bases, widths, layer_rotations in zip(batch.cores, batch.bases, spectra.widths, rotations):
+            state_after_truncate(self.optimizer, core, widths, layer_rotations)
+            if train_bases:
+                for basis, width, rotation in zip(bases, widths, layer_rotations):
+                    basis_state_after_truncate(self.optimizer, basis, width, rotation)
 
     def _sync(self, group: _Group) -> None:
         if not is_distributed():
