@@ -56,6 +56,8 @@ def bert_base_config(num_layers: int = 12) -> BertConfig:
         max_position_embeddings=512,
         num_labels=2,
     )
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

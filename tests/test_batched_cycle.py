@@ -206,7 +206,9 @@ def test_batched_retraction_equals_the_reference():
         )
         for basis, ref_basis in zip(layer.tucker_bases["default"], ref.tucker_bases["default"]):
             torch.testing.assert_close(basis, ref_basis, **TOLERANCES[torch.float64])
-        torch.testing.assert_close(layer.tucker_core["default"], ref.tucker_core["default"], **TOLERANCES[torch.float64])
+        torch.testing.assert_close(
+            layer.tucker_core["default"], ref.tucker_core["default"], **TOLERANCES[torch.float64]
+        )
         torch.testing.assert_close(dense(layer), expected, **TOLERANCES[torch.float64])
         assert_storage_contract(layer)
 
