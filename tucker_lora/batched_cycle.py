@@ -51,10 +51,10 @@ class LayerBatch:
 
     def stacked_core(self) -> torch.Tensor:
         """The cores, `(L, cap_0, cap_1, ...)`, float64 on the CPU: one transfer."""
-        return torch.stack([c.detach() for c in self.cores]).to(device=_CPU, dtype=torch.float64)
+        return torch.stack([c.data for c in self.cores]).to(device=_CPU, dtype=torch.float64)
 
     def stacked_basis(self, mode: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.stack([b[mode].detach() for b in self.bases]).to(dtype)
+        return torch.stack([b[mode].data for b in self.bases]).to(dtype)
 
     def basis_dtype(self, mode: int) -> torch.dtype:
         return _compute_dtype(self.bases[0][mode])
@@ -194,7 +194,8 @@ def augment(
             new_bases.append(None)
             continue
         grad_dtype = next(g.dtype for g in grads if g is not None)
-        g = torch.stack([torch.zeros_like(u[0]) if x is None else x.to(dtype) for x in grads])
+        zero = grads[present.index(True)].new_zeros(())
+        g = torch.stack([zero.expand(n, cap) if x is None else x for x in grads]).to(dtype)
         active = _column_mask(rank, cap, u.device)
         g = g * active[:, None, :]
         projected = g - u @ (u.mT @ g)

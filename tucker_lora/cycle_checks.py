@@ -48,8 +48,11 @@ def cores_replaced(updater: Any, group: Any) -> bool:
 def _finite_flags(tensors: list[torch.Tensor | None]) -> list[bool]:
     """Whether each tensor holds only finite values (None counts as finite), with one host read for all: the largest
     magnitude of each (NaN and inf propagate) from one multi-tensor call."""
-    present = [t.detach() for t in tensors if t is not None]
-    flags = iter(torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))).tolist() if present else [])
+    present = [t.data for t in tensors if t is not None]
+    with torch.no_grad():
+        flags = iter(
+            torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))).tolist() if present else []
+        )
     return [True if t is None else next(flags) for t in tensors]
 
 

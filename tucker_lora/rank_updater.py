@@ -325,9 +325,7 @@ class TuckerRankUpdater:
         factorization fails."""
         train_bases = group.config.train_bases
         padded = batched_cycle.apply_truncation(batch, spectra, ranks)
-        if padded is not None:
-            rotations = batched_cycle.per_layer_rotations(padded, spectra.widths, ranks)
-        else:
+        if padded is None:
             rotations = []
             for index, (core, bases) in enumerate(zip(batch.cores, batch.bases)):
                 widths = spectra.widths[index]
@@ -337,8 +335,10 @@ class TuckerRankUpdater:
                 )
         if self.optimizer is None:
             return
-        if padded is not None and batched_cycle.state_after_truncate(self.optimizer, batch, padded, train_bases):
-            return
+        if padded is not None:
+            if batched_cycle.state_after_truncate(self.optimizer, batch, padded, train_bases):
+                return
+            rotations = batched_cycle.per_layer_rotations(padded, spectra.widths, ranks)
         for core, bases, widths, layer_rotations in zip(batch.cores, batch.bases, spectra.widths, rotations):
             state_after_truncate(self.optimizer, core, widths, layer_rotations)
             if train_bases:
