@@ -1,6 +1,7 @@
-"""Training-step overhead of Tucker adapters (project issue 3 item 8): step time and peak memory against PEFT LoRA r=8.
+"""Training-step overhead of Tucker adapters: step time, peak memory and operator calls against PEFT LoRA r=8.
 
-Methods, all on a DeBERTaV3-base-shaped model (random weights), the 72 matrices of METHOD.md section 8, AdamW
+Methods, all on a DeBERTaV3-base-shaped model (`--model bert`: BERT-base-shaped; random weights), the 72 matrices of
+METHOD.md section 8 (query, key, value, attention output, intermediate, output per layer), AdamW
 (lr 5e-4, weight decay 0.01) over the trainable parameters:
 
 * `frozen`: no adapter; only the classifier trains, and the input embeddings require grad so that backward runs
@@ -25,6 +26,14 @@ Peak memory is measured in a fresh subprocess per method (so that methods cannot
   /proc/self/clear_refs) over the resident size once the model and optimizer are built. It counts gradients,
   optimizer state, activations and whatever the allocator keeps resident, over `--memory-steps` steps.
 
+Operator calls per step (`benchmarks/op_counts.py`, torch.profiler; CUDA kernels when on a GPU) are counted for every
+method over `--count-steps` further steps (whole cycles: the amortized count), and the cycle's operator calls are
+measured against the number of adapted same-shape layers (`--cycle-layers`, Linear(768, 768) stacks). The targets of
+the launch-efficiency work are checked in the report: operator calls per step of the default cycle (`tucker_c10`)
+<= 1.5x LoRA's, the cycle's calls per step at 12 layers <= 1.5x those at 4, step time <= 1.10x LoRA (CPU or GPU, as
+run; GPU figures are pending in a CPU run), one full cycle cheaper than one LoRA step.
+
+    python benchmarks/overhead.py --model bert --layers 12 --batch-size 4 --seq-len 64 --output ...   # BERT shape
     python benchmarks/overhead.py --output benchmarks/results/overhead_cpu.json
     python benchmarks/overhead.py --quick                 # 2 layers, small batch: smoke test
     python benchmarks/overhead.py --device cuda --warmup 4 --steps 44   # 4 whole cycles of core_steps=10
