@@ -20,13 +20,44 @@ import peft
 import torch
 import transformers
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
-from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, DebertaV2Config, DebertaV2ForSequenceClassification
 
 import tucker_lora
 from tucker_lora import TuckerAdapterConfig
 
 # the paper's targets on DeBERTaV3-base: 12 layers x 6 matrices ("output.dense" matches two per layer) = 72
 TARGETS = ["query_proj", "key_proj", "value_proj", "intermediate.dense", "output.dense"]
+# the same six matrices per layer in BERT (3 shape groups: 768x768, 3072x768, 768x3072)
+BERT_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]
+MODELS = ("deberta", "bert")
+_model_kind = "deberta"
+
+
+def set_model(kind: str) -> None:
+    """Which architecture `base_model` builds (`deberta` or `bert`) and which matrices the adapters target."""
+    global _model_kind
+    if kind not in MODELS:
+        raise ValueError(f"`--model` must be one of {MODELS}; got {kind!r}")
+    _model_kind = kind
+
+
+def targets() -> list[str]:
+    return BERT_TARGETS if _model_kind == "bert" else TARGETS
+
+
+def bert_base_config(num_layers: int = 12) -> BertConfig:
+    """The architecture of bert-base-uncased (random weights)."""
+    return BertConfig(
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=num_layers,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        num_labels=2,
+    )
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -56,16 +87,20 @@ def deberta_v3_base_config(num_layers: int = 12) -> DebertaV2Config:
     )
 
 
-def base_model(num_layers: int, device: torch.device, seed: int = 0) -> DebertaV2ForSequenceClassification:
+def base_model(num_layers: int, device: torch.device, seed: int = 0) -> torch.nn.Module:
     """A fresh model with the same random weights for every call with the same seed (dropout as in training)."""
     torch.manual_seed(seed)
-    model = DebertaV2ForSequenceClassification(deberta_v3_base_config(num_layers))
+    if _model_kind == "bert":
+        model = BertForSequenceClassification(bert_base_config(num_layers))
+    else:
+        model = DebertaV2ForSequenceClassification(deberta_v3_base_config(num_layers))
     return model.to(device).train()
 
 
 def synthetic_batch(batch_size: int, seq_len: int, device: torch.device, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, 128100, (batch_size, seq_len), generator=generator)
+    vocab = 30522 if _model_kind == "bert" else 128100
+    input_ids = torch.randint(1, vocab, (batch_size, seq_len), generator=generator)
     labels = torch.randint(0, 2, (batch_size,), generator=generator)
     return {
         "input_ids": input_ids.to(device),
@@ -75,7 +110,7 @@ def synthetic_batch(batch_size: int, seq_len: int, device: torch.device, seed: i
 
 
 def lora_config(r: int = 8) -> LoraConfig:
-    return LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, task_type="SEQ_CLS")
+    return LoraConfig(r=r, lora_alpha=r, target_modules=targets(), task_type="SEQ_CLS")
 
 
 def adalora_config(total_step: int) -> AdaLoraConfig:
@@ -85,7 +120,7 @@ def adalora_config(total_step: int) -> AdaLoraConfig:
         init_r=10,
         target_r=8,
         lora_alpha=8,
-        target_modules=TARGETS,
+        target_modules=targets(),
         task_type="SEQ_CLS",
         total_step=total_step,
         tinit=0,
@@ -95,7 +130,7 @@ def adalora_config(total_step: int) -> AdaLoraConfig:
 
 
 def tucker_config(r: int = 8, **kwargs) -> TuckerAdapterConfig:
-    return TuckerAdapterConfig(r=r, alpha=r, target_modules=TARGETS, task_type="SEQ_CLS", **kwargs)
+    return TuckerAdapterConfig(r=r, alpha=r, target_modules=targets(), task_type="SEQ_CLS", **kwargs)
 
 
 def peft_model(config, num_layers: int, device: torch.device):
@@ -194,6 +229,7 @@ def write_report(report: dict, text: str, output: Path | None) -> None:
 def add_model_arguments(parser, warmup: int) -> None:
     """The arguments every benchmark takes: device and the model/batch shape."""
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=MODELS, default="deberta", help="architecture (random weights)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -202,8 +238,9 @@ def add_model_arguments(parser, warmup: int) -> None:
 
 def model_settings(args) -> dict:
     """The report entries that describe what `add_model_arguments` configured."""
+    name = "BERT-base" if args.model == "bert" else "DeBERTaV3-base"
     return {
-        "model": f"DeBERTaV3-base architecture, random weights, {args.layers} layers",
+        "model": f"{name} architecture, random weights, {args.layers} layers",
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "warmup": args.warmup,

@@ -15,32 +15,50 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
-import layer_proposals  # noqa: E402
 
 TARGET_RATIO = 1.10
 
 
-def variants(include_wide: bool, include_proposals: bool) -> dict[str, tuple[object, str | None]]:
-    """name -> (adapter config, candidate forward from `layer_proposals` or None for the package's forward)."""
+def _sliced_adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    """The former forward of `tucker_lora.layer.Linear`, on the active slices (4 slices per layer and their
+    `SliceBackward`): the reference the package's capacity forward is timed against."""
+    u_out, u_in = self.active_bases(adapter_name)
+    return ((x @ u_in) @ self.active_core(adapter_name).T) @ u_out.T
+
+
+def install_sliced_forward(model) -> int:
+    """Puts the sliced forward on every Tucker `Linear` of `model` (instance attribute); returns how many."""
+    from tucker_lora.layer import Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    for layer in layers:
+        layer._adapter_output = types.MethodType(_sliced_adapter_output, layer)
+    return len(layers)
+
+
+def variants(include_wide: bool, include_sliced: bool) -> dict[str, tuple[object, bool]]:
+    """name -> (adapter config, whether the Tucker layers use the sliced reference forward)."""
     out = {
-        "lora_r8": (common.lora_config(8), None),
+        "lora_r8": (common.lora_config(8), False),
         # zero core at init (dW = 0), ranks 8 active: the state at step 0
-        "tucker_r8_zero_core": (common.tucker_config(8), None),
+        "tucker_r8_zero_core": (common.tucker_config(8), False),
         # random core, ranks 8 active: a non-trivial adapter (same arithmetic as zero core, checks nothing is skipped)
-        "tucker_r8_random_core": (common.tucker_config(8, init_weights=False), None),
+        "tucker_r8_random_core": (common.tucker_config(8, init_weights=False), False),
     }
     if include_wide:
         # the widest the adapter gets mid-cycle with r=8: augmented width 16 per mode (random core)
         wide = common.tucker_config(8, init_weights=False, rank_pattern={".*": 16})
-        out["tucker_width16_random_core"] = (wide, None)
-        out["lora_r16"] = (common.lora_config(16), None)
-    if include_proposals:
-        for kind in layer_proposals.PROPOSALS:
-            out[f"tucker_r8_random_core_proposal_{kind}"] = (common.tucker_config(8, init_weights=False), kind)
+        out["tucker_width16_random_core"] = (wide, False)
+        out["lora_r16"] = (common.lora_config(16), False)
+    if include_sliced:
+        out["tucker_r8_random_core_sliced_forward"] = (common.tucker_config(8, init_weights=False), True)
     return out
 
 
@@ -63,10 +81,10 @@ def run(args: argparse.Namespace) -> dict:
     device = common.resolve_device(args.device)
     batch = common.synthetic_batch(args.batch_size, args.seq_len, device)
     models = {}
-    for name, (config, proposal) in variants(args.wide, args.proposals).items():
+    for name, (config, sliced) in variants(args.wide, args.sliced).items():
         models[name] = common.peft_model(config, args.layers, device)
-        if proposal is not None:
-            layer_proposals.install(models[name], proposal)
+        if sliced:
+            install_sliced_forward(models[name])
     n_adapted = {name: _count_adapted(model) for name, model in models.items()}
 
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -102,12 +120,8 @@ def run(args: argparse.Namespace) -> dict:
             "adapted_modules": n_adapted[name],
             **adapter_summary(models[name]),
         }
-    checks = (
-        {kind: layer_proposals.check_equal(kind) for kind in layer_proposals.PROPOSALS} if args.proposals else None
-    )
     return {
         "benchmark": "forward_backward",
-        "proposal_equality_checks_float64": checks,
         "environment": common.environment(device),
         "settings": {
             **common.model_settings(args),
@@ -167,7 +181,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--wide", action="store_true", help="also time Tucker at augmented width 16 and LoRA r=16")
     parser.add_argument(
-        "--proposals", action="store_true", help="also time the candidate forwards of benchmarks/layer_proposals.py"
+        "--sliced", action="store_true", help="also time Tucker with the former forward on the active slices"
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 layers, batch 2 x seq 64, 3 repeats")
     parser.add_argument("--output", type=Path, help="write the JSON report here")
@@ -176,6 +190,7 @@ def main() -> None:
         parser.error("`--repeats` must be >= 1 and `--warmup` >= 0")
     if args.quick:
         args.layers, args.batch_size, args.seq_len, args.repeats = 2, 2, 64, 3
+    common.set_model(args.model)
     report = run(args)
     report["settings"]["command"] = " ".join(sys.argv)
     text = table(report)

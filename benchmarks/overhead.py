@@ -1,6 +1,7 @@
-"""Training-step overhead of Tucker adapters (project issue 3 item 8): step time and peak memory against PEFT LoRA r=8.
+"""Training-step overhead of Tucker adapters: step time, peak memory and operator calls against PEFT LoRA r=8.
 
-Methods, all on a DeBERTaV3-base-shaped model (random weights), the 72 matrices of METHOD.md section 8, AdamW
+Methods, all on a DeBERTaV3-base-shaped model (`--model bert`: BERT-base-shaped; random weights), the 72 matrices of
+METHOD.md section 8 (query, key, value, attention output, intermediate, output per layer), AdamW
 (lr 5e-4, weight decay 0.01) over the trainable parameters:
 
 * `frozen`: no adapter; only the classifier trains, and the input embeddings require grad so that backward runs
@@ -25,11 +26,18 @@ Peak memory is measured in a fresh subprocess per method (so that methods cannot
   /proc/self/clear_refs) over the resident size once the model and optimizer are built. It counts gradients,
   optimizer state, activations and whatever the allocator keeps resident, over `--memory-steps` steps.
 
+Operator calls per step (`benchmarks/op_counts.py`, torch.profiler; CUDA kernels when on a GPU) are counted for every
+method over `--count-steps` further steps (whole cycles: the amortized count), and the cycle's operator calls are
+measured against the number of adapted same-shape layers (`--cycle-layers`, Linear(768, 768) stacks). The targets of
+the launch-efficiency work are checked in the report: operator calls per step of the default cycle (`tucker_c10`)
+<= 1.5x LoRA's, the cycle's calls per step at 12 layers <= 1.5x those at 4, step time <= 1.10x LoRA (CPU or GPU, as
+run; GPU figures are pending in a CPU run), one full cycle cheaper than one LoRA step.
+
+    python benchmarks/overhead.py --model bert --layers 12 --batch-size 4 --seq-len 64 --output ...   # BERT shape
     python benchmarks/overhead.py --output benchmarks/results/overhead_cpu.json
     python benchmarks/overhead.py --quick                 # 2 layers, small batch: smoke test
     python benchmarks/overhead.py --device cuda --warmup 4 --steps 44   # 4 whole cycles of core_steps=10
     python benchmarks/overhead.py --profile               # torch.profiler: top ops of a Tucker step vs a LoRA step
-    python benchmarks/overhead.py --layer-proposal capacity_fused   # Tucker rows with a candidate layer forward
 
 A rank-update cycle is `core_steps + 1` optimizer steps; choose `--steps` as a multiple of it (44 = 4 cycles of
 core_steps=10 = 22 cycles of core_steps=1) so that the mean is the amortized cost.
@@ -50,11 +58,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
-import layer_proposals  # noqa: E402
+import op_counts  # noqa: E402
 
 LR, WEIGHT_DECAY = 5e-4, 0.01
 TARGETS = {"tucker_c10": 1.10, "tucker_c1": 1.25}
 MEMORY_TARGET = 1.10
+DEFAULT_CYCLE = "tucker_c10"  # core_steps=10 and train_bases=True: the defaults of TuckerAdapterConfig
+OPS_TARGET = 1.5  # operator calls per step (cycle included) of the default cycle / LoRA's
+CYCLE_SCALING_TARGET = 1.5  # the cycle's operator calls per step at 12 layers / at 4 layers
 
 
 def find_updater():
@@ -97,9 +108,6 @@ class Method:
         else:
             raise ValueError(f"unknown method {name!r}")
         from tucker_lora import TuckerLayer
-
-        if args.layer_proposal and name.startswith("tucker"):
-            layer_proposals.install(self.model, args.layer_proposal)
 
         self.tucker_layers = [m for m in self.model.modules() if isinstance(m, TuckerLayer)]
         self.bases = [b for layer in self.tucker_layers for bl in layer.tucker_bases.values() for b in bl]
@@ -171,6 +179,11 @@ def time_methods(args: argparse.Namespace, device: torch.device, names: list[str
             file=sys.stderr,
             flush=True,
         )
+    counts = {name: [] for name in names}
+    for i in range(args.count_steps):
+        for name, method in methods.items():
+            counts[name].append(op_counts.count(lambda method=method: method.step(batch), device))
+        print(f"counted step {i + 1}/{args.count_steps}", file=sys.stderr, flush=True)
     out = {}
     for name, recs in records.items():
         measured = [r for r in recs if not r["warmup"]]
@@ -186,6 +199,8 @@ def time_methods(args: argparse.Namespace, device: torch.device, names: list[str
             "mean_rank_update_s": sum(updates) / len(updates),
             "max_rank_update_s": max(updates),
             "steps": recs,
+            "op_counts_per_step": counts[name],
+            "mean_op_counts": _mean_counts(counts[name]),
         }
         if methods[name].updater is not None:
             entry.update(cycle_summary(recs))
@@ -200,7 +215,18 @@ def time_methods(args: argparse.Namespace, device: torch.device, names: list[str
             entry["median_step_process_cpu_s"] / lora["median_step_process_cpu_s"]
         )
         entry["mean_process_cpu_ratio_to_lora"] = entry["mean_step_process_cpu_s"] / lora["mean_step_process_cpu_s"]
+        if entry["mean_op_counts"]:
+            entry["operator_calls_ratio_to_lora"] = (
+                entry["mean_op_counts"]["operator_calls"] / lora["mean_op_counts"]["operator_calls"]
+            )
     return out
+
+
+def _mean_counts(counts: list[dict]) -> dict | None:
+    """Mean of each count over the counted steps (whole cycles: the amortized count, cycle events included)."""
+    if not counts:
+        return None
+    return {key: sum(c[key] or 0 for c in counts) / len(counts) for key in counts[0]}
 
 
 def cycle_summary(records: list[dict]) -> dict:
@@ -281,7 +307,9 @@ def measure_memory(args: argparse.Namespace, names: list[str]) -> dict:
             str(args.memory_steps),
             "--adalora-total-step",
             str(args.adalora_total_step),
-        ] + (["--layer-proposal", args.layer_proposal] if args.layer_proposal else [])
+            "--model",
+            args.model,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((s for s in proc.stdout.splitlines() if s.startswith("MEMORY_JSON ")), None)
         if proc.returncode != 0 or line is None:
@@ -376,17 +404,68 @@ def tables(report: dict) -> str:
         f"memory: {s['memory_measure']}"
     )
     text = title + "\n\n" + common.markdown_table(header, rows)
+    text += "\n\n" + count_tables(report)
     text += "\n\n" + "\n".join(f"* {line}" for line in verdicts(report))
     if report.get("notes"):
         text += "\n\n" + "\n".join(f"* {n}" for n in report["notes"])
     return text
 
 
+def count_tables(report: dict) -> str:
+    """Operator calls per step per method (mean over the counted steps), and the cycle's calls against layer count."""
+    timing = report["timing"]
+    keys = ["operator_calls", "leaf_operators", "host_reads", "to_copies", "cuda_kernels"]
+    rows = []
+    for name, t in timing.items():
+        mean = t.get("mean_op_counts")
+        if mean:
+            ratio = t["operator_calls_ratio_to_lora"]
+            rows.append([name] + [f"{mean[k]:.1f}" for k in keys] + [f"{ratio:.3f}"])
+    s = report["settings"]
+    text = (
+        f"operator calls per step (torch.profiler, mean over {s['count_steps']} steps counted after the timed ones; "
+        "see benchmarks/op_counts.py)\n\n" + common.markdown_table(["method", *keys, "operator calls / LoRA"], rows)
+    )
+    cycle = report.get("cycle_vs_layers")
+    if cycle:
+        rows = []
+        for n, c in cycle["results"].items():
+            per_step = c["per_step"]
+            rows.append([n] + [f"{per_step[k]:.1f}" for k in keys] + [f"{c['cycle_seconds_under_profiler']:.3f}"])
+        text += (
+            f"\n\nthe cycle (before_step + after_step over one whole cycle of core_steps={cycle['core_steps']}, "
+            f"per step) against the number of adapted Linear({cycle['width']}, {cycle['width']}) layers\n\n"
+            + common.markdown_table(["layers", *keys, "cycle time under the profiler (s)"], rows)
+        )
+    return text
+
+
 def verdicts(report: dict) -> list[str]:
-    """The targets of issue 3 item 8, checked on this run's figures."""
+    """The targets of the performance issues, checked on this run's figures."""
     timing, memory = report["timing"], report.get("memory") or {}
     lora = timing["lora_r8"]
+    device = report["environment"]["device"]
     lines = []
+    default = timing.get(DEFAULT_CYCLE)
+    if default is not None and default.get("operator_calls_ratio_to_lora") is not None:
+        r = default["operator_calls_ratio_to_lora"]
+        lines.append(
+            f"{DEFAULT_CYCLE} (the default cycle) operator calls per step, cycle included / LoRA's, on "
+            f"{report['settings']['model']}: {r:.3f}x, target <= {OPS_TARGET}: "
+            f"{'met' if r <= OPS_TARGET else 'NOT met'}"
+        )
+    cycle = (report.get("cycle_vs_layers") or {}).get("results", {})
+    if "4" in cycle and "12" in cycle:
+        r = cycle["12"]["per_step"]["operator_calls"] / cycle["4"]["per_step"]["operator_calls"]
+        lines.append(
+            f"the cycle's operator calls per step, 12 layers / 4 layers of one shape: {r:.3f}x, target <= "
+            f"{CYCLE_SCALING_TARGET}: {'met' if r <= CYCLE_SCALING_TARGET else 'NOT met'}"
+        )
+    if not device.startswith("cuda"):
+        lines.append(
+            "GPU step time <= 1.10x LoRA and one cycle cheaper than one LoRA step on the GPU: pending (this run is on "
+            f"{device}; run `overhead.py --device cuda`)"
+        )
     for name, limit in TARGETS.items():
         t = timing.get(name)
         if t is None:
@@ -396,7 +475,7 @@ def verdicts(report: dict) -> list[str]:
         ratio = t["mean_ratio_to_lora"]
         whole = t.get("augmentations_in_window"), t.get("truncations_in_window")
         lines.append(
-            f"{name} step time, amortized (mean over the window / LoRA mean, {whole[0]} augmentation(s) and "
+            f"{name} {device} step time, amortized (mean over the window / LoRA mean, {whole[0]} augmentation(s) and "
             f"{whole[1]} truncation(s) in the window): {ratio:.3f}x, target <= {limit}: "
             f"{'met' if ratio <= limit else 'NOT met'} (median step {t['median_ratio_to_lora']:.3f}x)"
         )
@@ -406,12 +485,12 @@ def verdicts(report: dict) -> list[str]:
                 f"{name} step time in process CPU time (less sensitive to other jobs on a shared CPU), amortized: "
                 f"{cpu_ratio:.3f}x, target <= {limit}: {'met' if cpu_ratio <= limit else 'NOT met'}"
             )
-        cycle = t.get("full_cycle_rank_update_s")
-        if cycle is not None:
-            r = cycle / lora["median_step_s"]
+        full = t.get("full_cycle_rank_update_s")
+        if full is not None:
+            r = full / lora["median_step_s"]
             lines.append(
-                f"{name} one full cycle (augment + truncate, all adapted layers): {cycle * 1e3:.0f} ms = {r:.3f} LoRA "
-                f"steps, target < 1: {'met' if r < 1 else 'NOT met'}"
+                f"{name} one full cycle on {device} (augment + truncate, all adapted layers): {full * 1e3:.0f} ms = "
+                f"{r:.3f} LoRA steps, target < 1: {'met' if r < 1 else 'NOT met'}"
             )
     for name in ("tucker_c1", "tucker_c10", "tucker_fixed_r8"):
         m = memory.get(name)
@@ -429,24 +508,28 @@ def main() -> None:
     common.add_model_arguments(parser, warmup=2)
     parser.add_argument("--steps", type=int, default=22, help="measured steps (use whole rank-update cycles)")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps run by each memory subprocess")
+    parser.add_argument(
+        "--count-steps", type=int, default=22, help="steps counted with torch.profiler per method (whole cycles)"
+    )
+    parser.add_argument(
+        "--cycle-layers", type=int, nargs="*", default=[4, 12, 24], help="layer counts of the cycle-cost measurement"
+    )
+    parser.add_argument("--cycle-width", type=int, default=768, help="width of the Linear layers of that measurement")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--methods", nargs="+", help="subset of the methods (lora_r8 is always included)")
     parser.add_argument("--adalora-total-step", type=int, default=1000)
     parser.add_argument("--profile", action="store_true", help="print torch.profiler top ops: Tucker vs LoRA")
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--profile-rows", type=int, default=20)
-    parser.add_argument(
-        "--layer-proposal",
-        choices=layer_proposals.PROPOSALS,
-        help="run the Tucker methods with a candidate forward of benchmarks/layer_proposals.py (not the package's)",
-    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 layers, batch 2 x seq 64, few steps")
     parser.add_argument("--output", type=Path, help="write the JSON report here (and the table next to it, .md)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.layers, args.batch_size, args.seq_len = 2, 2, 64
-        args.warmup, args.steps, args.memory_steps = 1, 4, 2
+        args.warmup, args.steps, args.memory_steps, args.count_steps = 1, 4, 2, 2
+        args.cycle_layers, args.cycle_width = [4, 12], 64
+    common.set_model(args.model)
     if args.steps < 1 or args.warmup < 0 or args.memory_steps < 1:
         parser.error("`--steps` and `--memory-steps` must be >= 1, `--warmup` >= 0")
     if args.memory_child:
@@ -479,6 +562,7 @@ def main() -> None:
             **common.model_settings(args),
             "steps": args.steps,
             "memory_steps": args.memory_steps,
+            "count_steps": args.count_steps,
             "optimizer": f"AdamW lr {LR} wd {WEIGHT_DECAY}",
             "adalora_total_step": args.adalora_total_step,
             "memory_measure": (
@@ -487,7 +571,6 @@ def main() -> None:
                 else "peak RSS (VmHWM) - RSS after build, fresh subprocess per method"
             ),
             "updater_available": updater_available,
-            "tucker_layer_forward": args.layer_proposal or "package (tucker_lora.layer)",
             "command": " ".join(sys.argv),
         },
         "targets": {
@@ -495,10 +578,19 @@ def main() -> None:
             "tucker_c1_step_ratio": TARGETS["tucker_c1"],
             "memory_ratio": MEMORY_TARGET,
             "full_cycle_vs_lora_step": 1.0,
+            "operator_calls_vs_lora": OPS_TARGET,
+            "cycle_calls_12_vs_4_layers": CYCLE_SCALING_TARGET,
         },
         "notes": notes,
     }
     report["timing"] = time_methods(args, device, names)
+    if args.cycle_layers:
+        results = op_counts.cycle_vs_layers(args.cycle_layers, args.cycle_width, 10, device)
+        report["cycle_vs_layers"] = {
+            "core_steps": 10,
+            "width": args.cycle_width,
+            "results": {str(k): v for k, v in results.items()},
+        }
     report["memory"] = None if args.no_memory else measure_memory(args, names)
     report["environment"]["cpu_load_avg_after"] = list(__import__("os").getloadavg())
     text = tables(report)

@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel
 
 import tucker_lora
-from tests.helpers import adapted, fresh_base, run, set_ranks_by_hand, tucker_layers
-from tests.tolerances import assert_close
+from tests.helpers import adapted, fresh_base, reduction_size, run, set_ranks_by_hand, tucker_layers
+from tests.tolerances import assert_close, assert_close_after_reduction
 from tests.toy_models import CASES
 
 CASE_IDS = [case.name for case in CASES]
@@ -38,13 +38,15 @@ def test_disable_adapter_gives_base_output_exactly(case):
 def test_merge_unmerge_and_merge_and_unload_match_unmerged(case):
     model, inputs = adapted(case, init_weights=False)
     unmerged = run(model, case, inputs)
+    # a merged weight sums in another order than the adapter forward: the rounding of the whole network differs
+    size = reduction_size(fresh_base(case))
     model.merge_adapter()
-    assert_close(run(model, case, inputs), unmerged)
+    assert_close_after_reduction(run(model, case, inputs), unmerged, size)
     model.unmerge_adapter()
-    assert_close(run(model, case, inputs), unmerged)
+    assert_close_after_reduction(run(model, case, inputs), unmerged, size)
     merged_model = model.merge_and_unload()
     assert not tucker_layers(merged_model)
-    assert_close(run(merged_model, case, inputs), unmerged)
+    assert_close_after_reduction(run(merged_model, case, inputs), unmerged, size)
 
 
 def test_save_and_load_restore_outputs_after_ranks_changed_by_hand(case, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -44,8 +45,26 @@ def cores_replaced(updater: Any, group: Any) -> bool:
     return True
 
 
-def _finite(tensor: torch.Tensor | None) -> bool:
-    return tensor is None or bool(torch.isfinite(tensor).all())
+def _finite_flags(tensors: list[torch.Tensor | None]) -> list[bool]:
+    """Whether each tensor holds only finite values (None counts as finite), with one host read for all: the largest
+    magnitude of each (NaN and inf propagate) from one multi-tensor call."""
+    present = [t.data for t in tensors if t is not None]
+    with torch.no_grad():
+        flags = iter(
+            torch.isfinite(torch.stack(torch._foreach_norm(present, float("inf")))).tolist() if present else []
+        )
+    return [True if t is None else next(flags) for t in tensors]
+
+
+def _modules_with_nonfinite(group: Any, per_layer: list) -> list[str]:
+    """The modules of `group` whose tensors (`per_layer[i]` for layer i) hold NaN or inf, from one host read."""
+    flags = _finite_flags([t for tensors in per_layer for t in tensors])
+    bad, start = [], 0
+    for (module, _), tensors in zip(group.layers, per_layer):
+        if not all(flags[start : start + len(tensors)]):
+            bad.append(module)
+        start += len(tensors)
+    return bad
 
 
 def skip_nonfinite_event(updater: Any, group: Any, action: str, step: int) -> bool:
@@ -65,11 +84,8 @@ def skip_nonfinite_event(updater: Any, group: Any, action: str, step: int) -> bo
         `FloatingPointError`: if a core of `group` holds NaN or inf.
     """
     # with `train_bases` the optimizer steps the bases too: a non-finite step reaches them as it reaches the core
-    bad_cores = [
-        module
-        for module, layer in group.layers
-        if not all(_finite(t) for t in (layer.tucker_core[group.name], *layer.tucker_bases[group.name]))
-    ]
+    per_layer = [(layer.tucker_core[group.name], *layer.tucker_bases[group.name]) for _, layer in group.layers]
+    bad_cores = _modules_with_nonfinite(group, per_layer)
     if bad_cores:
         raise FloatingPointError(
             f"Tucker cores of adapter {group.name!r} hold NaN or inf after optimizer step {step}, in {bad_cores}: the "
@@ -78,11 +94,8 @@ def skip_nonfinite_event(updater: Any, group: Any, action: str, step: int) -> bo
         )
     if action != "augment":
         return False
-    bad_grads = [
-        module
-        for module, layer in group.layers
-        if not all(_finite(grad) for grad in updater._basis_grads.get(id(layer), []))
-    ]
+    grads = [updater._basis_grads.get(id(layer), []) for _, layer in group.layers]
+    bad_grads = _modules_with_nonfinite(group, grads)
     if not bad_grads:
         return False
     warnings.warn(
@@ -122,19 +135,29 @@ def check_optimizer_holds_cores(updater: Any) -> None:
         )
 
 
+def count_optimizer_steps(updater: Any) -> None:
+    """Counts the steps of the updater's optimizer with a step post-hook: a Python counter for the call-order checks
+    (reading Adam's `state["step"]` instead would read a tensor on every step, a device sync when it lives on an
+    accelerator). The hook holds the updater weakly and is removed when the updater goes."""
+    updater._optimizer_step_count = 0
+    if updater.optimizer is None:
+        return
+    ref = weakref.ref(updater)
+
+    def count(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._optimizer_step_count += 1
+
+    handle = updater.optimizer.register_step_post_hook(count)
+    weakref.finalize(updater, handle.remove)
+
+
 def _optimizer_steps(updater: Any) -> int | None:
-    """The optimizer's own step count for the cores (Adam's `state["step"]`); None when it keeps none."""
+    """How many times the optimizer stepped since the updater was made; None without an optimizer."""
     if updater.optimizer is None:
         return None
-    counts = []
-    for group in updater.groups:
-        for _, layer in group.layers:
-            count = updater.optimizer.state.get(layer.tucker_core[group.name], {}).get("step")
-            counts.append(int(count) if count is not None else 0)
-    return max(counts) if counts and isinstance(updater.optimizer, _COUNTING) else None
-
-
-_COUNTING = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
+    return getattr(updater, "_optimizer_step_count", 0)
 
 
 def _check_adapters_exist(updater: Any) -> None:
@@ -161,7 +184,7 @@ def check_before_step(updater: Any) -> None:
     if recorded is not None and now is not None and now > recorded:
         raise RuntimeError(
             f"optimizer.step() ran before before_step() at optimizer step {n}: the optimizer stepped the bases with "
-            f"their gradients (the optimizer's step count is {now}, {recorded} at the last after_step()). {CALL_ORDER}"
+            f"their gradients ({now - recorded} optimizer step(s) since the last after_step()). {CALL_ORDER}"
         )
     updater._before_step_done = True
 

@@ -2,7 +2,9 @@
 
 See `docs/design.md`: per adapter name, `tucker_core` (the core at capacity), `tucker_bases` (one basis per
 adaptive mode, `(n_i, capacity_i)`), `tucker_ranks` (active ranks, a saved buffer) and a fixed `tucker_scaling`.
-Forward and `delta_weight` use only the active slices.
+Everything outside the active block is kept at exactly zero (by every cycle event, and on load), so the forward
+computes on the capacity-sized tensors without slicing: the same output, and gradients that are exactly zero outside
+the active block (see `docs/design.md`). `delta_weight`, merge and export use the active slices.
 """
 
 from __future__ import annotations
@@ -139,7 +141,26 @@ class TuckerLayer(BaseTunerLayer):
     @staticmethod
     def _refresh_ranks_cache(module: TuckerLayer, incompatible_keys: Any) -> None:
         for name, ranks in module.tucker_ranks.items():
+            if ranks.device.type == "meta":
+                continue
             module._ranks_cache[name] = [int(r) for r in ranks.tolist()]
+            module.zero_outside_active(name)
+
+    @torch.no_grad()
+    def zero_outside_active(self, adapter_name: str) -> None:
+        """Zeros the core and the bases outside the active block: the forward at capacity relies on it. A state dict
+        written by this package already holds zeros there; one written by hand may not."""
+        if adapter_name not in self.tucker_core:
+            return
+        ranks = self._ranks_cache[adapter_name]
+        core = self.tucker_core[adapter_name]
+        if core.device.type == "meta":
+            return
+        kept = core[tuple(slice(0, r) for r in ranks)].clone()
+        core.zero_()
+        core[tuple(slice(0, r) for r in ranks)] = kept
+        for basis, rank in zip(self.tucker_bases[adapter_name], ranks):
+            basis[:, rank:] = 0
 
     def capacities(self, adapter_name: str) -> list[int]:
         return [basis.shape[1] for basis in self.tucker_bases[adapter_name]]
@@ -253,8 +274,9 @@ class Linear(nn.Module, TuckerLayer):
         self.update_layer(adapter_name, config, **kwargs)
 
     def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        u_out, u_in = self.active_bases(adapter_name)
-        return ((x @ u_in) @ self.active_core(adapter_name).T) @ u_out.T
+        # at capacity, no slicing: exact, the entries outside the active block are zero (fewer kernels per step)
+        u_out, u_in = self.tucker_bases[adapter_name]
+        return ((x @ u_in) @ self.tucker_core[adapter_name].T) @ u_out.T
 
 
 class Conv2d(nn.Module, TuckerLayer):
@@ -275,21 +297,23 @@ class Conv2d(nn.Module, TuckerLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, **kwargs)
 
-    def spatial_kernel(self, adapter_name: str, bases: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The core as a `(r_out, r_in, kh, kw)` kernel (spatial bases applied when they are adaptive); `bases` are
-        the active bases when the caller has already sliced them."""
-        core = self.active_core(adapter_name)
-        bases = self.active_bases(adapter_name) if bases is None else bases
+    def spatial_kernel(self, adapter_name: str, at_capacity: bool = False) -> torch.Tensor:
+        """The core as a `(r_out, r_in, kh, kw)` kernel (spatial bases applied when they are adaptive); with
+        `at_capacity`, `(cap_out, cap_in, kh, kw)` from the unsliced core and bases (zero outside the active block)."""
+        if at_capacity:
+            core, bases = self.tucker_core[adapter_name], list(self.tucker_bases[adapter_name])
+        else:
+            core, bases = self.active_core(adapter_name), self.active_bases(adapter_name)
         if len(bases) == 4:
             core = torch.einsum("abhw,kh,lw->abkl", core, bases[2], bases[3])
         return core
 
     def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        # at capacity, no slicing: exact, the entries outside the active block are zero (fewer kernels per step)
         base = self.get_base_layer()
-        bases = self.active_bases(adapter_name)
-        u_out, u_in = bases[:2]
+        u_out, u_in = list(self.tucker_bases[adapter_name])[:2]
         h = F.conv2d(x, u_in.T[:, :, None, None])
-        kernel = self.spatial_kernel(adapter_name, bases)
+        kernel = self.spatial_kernel(adapter_name, at_capacity=True)
         if base.padding_mode != "zeros":
             h = F.pad(h, base._reversed_padding_repeated_twice, mode=base.padding_mode)
             h = F.conv2d(h, kernel, stride=base.stride, padding=0, dilation=base.dilation)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import batched_cycle
 from .budget import BudgetLayer, allocate_ranks, budget_at_step, layer_energies, parameter_count
 from .config import TuckerAdapterConfig
 from .cycle_checks import (
@@ -32,19 +33,14 @@ from .cycle_checks import (
     check_before_step,
     check_optimizer_holds_cores,
     cores_replaced,
+    count_optimizer_steps,
     record_cores,
     skip_nonfinite_event,
 )
 from .distributed import broadcast_tensors, check_no_parameter_sharding, is_distributed
 from .layer import TuckerLayer
-from .optimizer_state import (
-    basis_state_after_augment,
-    basis_state_after_truncate,
-    state_after_augment,
-    state_after_truncate,
-    unwrap_optimizer,
-)
-from .rank_ops import apply_truncation, augment, ranks_for_tolerance, retract, truncation_spectra
+from .optimizer_state import basis_state_after_truncate, state_after_truncate, unwrap_optimizer
+from .rank_ops import apply_truncation, augment, retract, truncation_spectra
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +200,7 @@ class TuckerRankUpdater:
             for _, layer in group.layers:
                 _UPDATED_LAYERS.add(layer)
         check_optimizer_holds_cores(self)
+        count_optimizer_steps(self)
         record_cores(self)
 
     def _find_groups(self, adapter_names: str | list[str] | None) -> list[_Group]:
@@ -242,17 +239,22 @@ class TuckerRankUpdater:
         n = self.step + 1
         for group in self.groups:
             keep = group.action(n, self.total_steps) == "augment"
-            for _, layer in group.layers:
-                bases = layer.tucker_bases[group.name]
-                if keep:
-                    # cloned: the optimizer step below must not see the same tensor change under it
-                    self._basis_grads[id(layer)] = [None if b.grad is None else b.grad.clone() for b in bases]
+            bases = [b for _, layer in group.layers for b in layer.tucker_bases[group.name]]
+            grads = [b.grad for b in bases if b.grad is not None]
+            if keep:
+                # copied (one multi-tensor call): the optimizer step below must not see the same tensor change
+                copies = iter(torch._foreach_mul(grads, 1.0) if grads else [])
+                for _, layer in group.layers:
+                    self._basis_grads[id(layer)] = [
+                        None if b.grad is None else next(copies) for b in layer.tucker_bases[group.name]
+                    ]
+            if not group.config.train_bases:
                 for basis in bases:
-                    if not group.config.train_bases:
-                        basis.grad = None
-                    elif basis.grad is not None:
-                        # a non-finite step would reach the bases; the core's raises at the next cycle event
-                        torch.nan_to_num_(basis.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                    basis.grad = None
+            else:
+                for grad in grads:
+                    # a non-finite step would reach the bases; the core's raises at the next cycle event
+                    torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
     def after_step(self) -> None:
         """Ends optimizer step `self.step + 1`: augments or truncates as the schedule says, then syncs processes."""
@@ -298,54 +300,45 @@ class TuckerRankUpdater:
     def _retract(self, group: _Group) -> None:
         """Orthonormal bases again after the optimizer stepped them (`train_bases`); `dW` unchanged. The optimizer
         state is kept as it is: the triangular factors are close to the identity after a few steps."""
-        for _, layer in group.layers:
-            core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
-            retract(core.data, [b.data for b in bases], layer.active_ranks(group.name))
+        for batch in batched_cycle.shape_batches(group.layers, group.name):
+            if not batched_cycle.retract(batch):
+                for layer, core, bases, ranks in zip(batch.layers, batch.cores, batch.bases, batch.ranks()):
+                    retract(core.data, [b.data for b in bases], ranks)
 
     @torch.no_grad()
     def _augment(self, group: _Group) -> None:
         if group.config.train_bases:
             self._retract(group)
-        for _, layer in group.layers:
-            core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
-            grads = self._basis_grads.get(id(layer), [None] * len(bases))
-            ranks = layer.active_ranks(group.name)
-            widths = augment(core.data, [b.data for b in bases], ranks, grads)
+        for batch in batched_cycle.shape_batches(group.layers, group.name):
+            ranks = batch.ranks()
+            grads = [self._basis_grads.get(id(layer), [None] * batch.n_modes) for layer in batch.layers]
+            widths = batched_cycle.augment(batch, grads)
+            if widths is None:  # a batched factorization failed: the per-layer reference, with its QR fallback
+                widths = [
+                    augment(core.data, [b.data for b in bases], r, g)
+                    for core, bases, r, g in zip(batch.cores, batch.bases, ranks, grads)
+                ]
             if self.optimizer is not None:
-                state_after_augment(self.optimizer, core, ranks)
-                if group.config.train_bases:
-                    for basis, rank in zip(bases, ranks):
-                        basis_state_after_augment(self.optimizer, basis, rank)
-            layer.set_active_ranks(group.name, widths)
+                batched_cycle.state_after_augment(self.optimizer, batch, ranks, group.config.train_bases)
+            batched_cycle.set_ranks(batch, widths)
         self._sync(group)
         group.augmented = True
 
     @torch.no_grad()
     def _truncate(self, group: _Group) -> None:
-        """HOSVD truncation of every layer in three phases: spectra, ranks (tolerance, then the budget over all
-        layers), then the truncation itself and the optimizer state."""
+        """HOSVD truncation of every layer in three phases: the spectra of all layers (batched per shape), the new
+        ranks of all layers (on the host: the tolerance rule, then the budget over all layers), then the truncation
+        itself (batched per shape)."""
         if group.config.train_bases:
             self._retract(group)
-        tau = group.tau(self.step + 1, self.total_steps)
-        widths = [layer.active_ranks(group.name) for _, layer in group.layers]
-        spectra = [
-            truncation_spectra(layer.tucker_core[group.name].data, w) for (_, layer), w in zip(group.layers, widths)
-        ]
-        ranks = [
-            ranks_for_tolerance(s, w, tau, *self._bounds(group, layer))
-            for (_, layer), w, s in zip(group.layers, widths, spectra)
-        ]
+        batches = batched_cycle.shape_batches(group.layers, group.name)
+        spectra = [batched_cycle.truncation_spectra(batch) for batch in batches]
+        ranks = self._choose_ranks(group, batches, spectra)
         if group.config.param_budget is not None:
-            ranks = self._fit_budget(group, spectra, ranks)
-        for (_, layer), width, spectrum, rank in zip(group.layers, widths, spectra, ranks):
-            core, bases = layer.tucker_core[group.name], list(layer.tucker_bases[group.name])
-            rotations = apply_truncation(core.data, [b.data for b in bases], width, spectrum, rank)
-            if self.optimizer is not None:
-                state_after_truncate(self.optimizer, core, width, rotations)
-                if group.config.train_bases:
-                    for basis, w, rotation in zip(bases, width, rotations):
-                        basis_state_after_truncate(self.optimizer, basis, w, rotation)
-            layer.set_active_ranks(group.name, rank)
+            ranks = self._fit_budget(group, batches, spectra, ranks)
+        for batch, batch_spectra, batch_ranks in zip(batches, spectra, ranks):
+            self._apply_truncation(group, batch, batch_spectra, batch_ranks)
+            batched_cycle.set_ranks(batch, batch_ranks)
         self._sync(group)
         group.augmented = False
         for module, layer in group.layers:
@@ -393,17 +386,72 @@ class TuckerRankUpdater:
             return group.applied_budget
         return self.budget(group, group.last_truncation(self.step, self.total_steps) or 0)
 
-    def _fit_budget(self, group: _Group, spectra: list, ranks: list[list[int]]) -> list[list[int]]:
+    def _fit_budget(
+        self,
+        group: _Group,
+        batches: list[batched_cycle.LayerBatch],
+        spectra: list[batched_cycle.BatchSpectra],
+        ranks: list[list[list[int]]],
+    ) -> list[list[list[int]]]:
+        """The tolerance rule's ranks of every layer lowered to fit the budget, over all layers (batch by batch, in
+        a fixed order, so every process decides the same)."""
         # the step this truncation ends (in finalize, one past the last step: the ramp is over or nearly)
         budget = self.budget(group, self.step + 1)
         group.applied_budget = budget
         layers = [
             BudgetLayer(
-                layer_energies(spectrum), *self._layer_sizes(group, layer), self._bounds(group, layer)[0], upper
+                layer_energies(batch_spectra.layer(index)),
+                *self._layer_sizes(group, layer),
+                self._bounds(group, layer)[0],
+                batch_ranks[index],
             )
-            for (_, layer), spectrum, upper in zip(group.layers, spectra, ranks)
+            for batch, batch_spectra, batch_ranks in zip(batches, spectra, ranks)
+            for index, layer in enumerate(batch.layers)
         ]
-        return allocate_ranks(layers, budget)
+        flat = iter(allocate_ranks(layers, budget))
+        return [[next(flat) for _ in batch.layers] for batch in batches]
+
+    def _choose_ranks(
+        self, group: _Group, batches: list[batched_cycle.LayerBatch], spectra: list[batched_cycle.BatchSpectra]
+    ) -> list[list[list[int]]]:
+        """Phase 2 of a truncation, on the host: the new ranks of every layer of every batch (the tolerance rule)."""
+        tau = group.tau(self.step + 1, self.total_steps)
+        out = []
+        for batch, batch_spectra in zip(batches, spectra):
+            r_min, r_max = self._bounds(group, batch.layers[0])
+            out.append(batched_cycle.ranks_for_tolerance(batch_spectra, tau, r_min, r_max))
+        return out
+
+    def _apply_truncation(
+        self,
+        group: _Group,
+        batch: batched_cycle.LayerBatch,
+        spectra: batched_cycle.BatchSpectra,
+        ranks: list[list[int]],
+    ) -> None:
+        """Phase 3 for one batch, with the optimizer state following; the per-layer reference where a batched
+        factorization fails."""
+        train_bases = group.config.train_bases
+        padded = batched_cycle.apply_truncation(batch, spectra, ranks)
+        if padded is None:
+            rotations = []
+            for index, (core, bases) in enumerate(zip(batch.cores, batch.bases)):
+                widths = spectra.widths[index]
+                layer_spectra = truncation_spectra(core.data, widths)
+                rotations.append(
+                    apply_truncation(core.data, [b.data for b in bases], widths, layer_spectra, ranks[index])
+                )
+        if self.optimizer is None:
+            return
+        if padded is not None:
+            if batched_cycle.state_after_truncate(self.optimizer, batch, padded, train_bases):
+                return
+            rotations = batched_cycle.per_layer_rotations(padded, spectra.widths, ranks)
+        for core, bases, widths, layer_rotations in zip(batch.cores, batch.bases, spectra.widths, rotations):
+            state_after_truncate(self.optimizer, core, widths, layer_rotations)
+            if train_bases:
+                for basis, width, rotation in zip(bases, widths, layer_rotations):
+                    basis_state_after_truncate(self.optimizer, basis, width, rotation)
 
     def _sync(self, group: _Group) -> None:
         if not is_distributed():

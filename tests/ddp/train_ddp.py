@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-import tucker_lora.rank_updater as rank_updater  # noqa: E402
+import tucker_lora.batched_cycle as batched_cycle  # noqa: E402
 from tests.ddp.task import adapter_state, dataset, training_args, tucker_model  # noqa: E402
 from tucker_lora.callback import TuckerRankCallback  # noqa: E402
 
@@ -54,10 +54,14 @@ class CheckIdentical(TrainerCallback):
 
 
 def perturbed(apply_truncation):
-    def wrapper(core, bases, widths, spectra, ranks):
-        rotations = apply_truncation(core, bases, widths, spectra, ranks)
-        block = tuple(slice(0, r) for r in ranks)
-        core[block] += 1e-4 * torch.randn(core[block].shape)
+    """The batched truncation, then noise on every truncated core: what a process with other rounding would hold."""
+
+    def wrapper(batch, spectra, ranks):
+        rotations = apply_truncation(batch, spectra, ranks)
+        with torch.no_grad():
+            for core, layer_ranks in zip(batch.cores, ranks):
+                block = tuple(slice(0, r) for r in layer_ranks)
+                core[block] += 1e-4 * torch.randn(core[block].shape)
         return rotations
 
     return wrapper
@@ -67,7 +71,7 @@ def main() -> None:
     output_dir = sys.argv[1]
     rank = int(os.environ["RANK"])
     if rank == 1:
-        rank_updater.apply_truncation = perturbed(rank_updater.apply_truncation)
+        batched_cycle.apply_truncation = perturbed(batched_cycle.apply_truncation)
     budget = {"param_budget": int(sys.argv[2]), "tau": 0.01} if len(sys.argv) > 2 else {"tau": 0.1}
     model = tucker_model(core_steps=2, augment_start_step=2, r=2, r_max=4, **budget)
     rank_callback = TuckerRankCallback()

@@ -1,0 +1,398 @@
+"""The rank cycle for all layers of one shape at once: retraction, augmentation and truncation on stacked tensors.
+
+`rank_ops` holds the per-layer reference; this module computes the same maths for a batch of same-shape layers (same
+core and basis shapes, dtypes and device), so that the number of operator calls and host-device transfers of a
+cycle event does not grow with the number of layers. Layers of one batch may have different active ranks: every
+tensor is kept at capacity, the active blocks padded with exact zeros (the storage contract of `docs/design.md`), and
+per-layer ranks enter as masks:
+
+* a Gram matrix of zero-padded columns is block diagonal, `[[A, 0], [0, 0]]`. Its padded diagonal is set to a value
+  the decomposition keeps apart: `1` for Cholesky (so the padded factor is the identity and leaves the padded
+  columns at zero), `-(1 + trace A)` for `eigh` (so the padded eigenvalues sort below every eigenvalue of `A` and
+  their eigenvectors are the padded coordinates);
+* per-layer counts (new directions, kept ranks) become column masks, and moving columns to other positions is a
+  product with a 0/1 matrix (exact in floating point).
+
+As in `rank_ops`, tall matrices (bases, gradients) stay on their device and every decomposition runs on the CPU in
+float64, on the stacked small matrices: a few transfers per event and batch, whatever the number of layers. Where a
+batched Cholesky factorization fails (a Gram matrix not numerically positive definite), the batch falls back to the
+per-layer reference, which switches to a Householder QR. The ranks chosen equal the reference's; the factors agree
+to rounding (eigenvector signs may differ for repeated singular values, `dW` does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .optimizer_state import _moments
+from .rank_ops import Spectra, _compute_dtype, check_bounds
+
+_CPU = torch.device("cpu")
+
+
+class LayerBatch:
+    """Same-shape layers of one adapter: their cores, bases and active ranks."""
+
+    def __init__(self, layers: list[Any], name: str) -> None:
+        self.layers, self.name = layers, name
+        self.cores = [layer.tucker_core[name] for layer in layers]
+        self.bases = [list(layer.tucker_bases[name]) for layer in layers]  # [layer][mode]
+        self.n_modes = len(self.bases[0])
+        self.device = self.cores[0].device
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def ranks(self) -> list[list[int]]:
+        return [layer.active_ranks(self.name) for layer in self.layers]
+
+    def stacked_core(self) -> torch.Tensor:
+        """The cores, `(L, cap_0, cap_1, ...)`, float64 on the CPU: one transfer."""
+        return torch.stack([c.data for c in self.cores]).to(device=_CPU, dtype=torch.float64)
+
+    def stacked_basis(self, mode: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.stack([b[mode].data for b in self.bases]).to(dtype)
+
+    def basis_dtype(self, mode: int) -> torch.dtype:
+        return _compute_dtype(self.bases[0][mode])
+
+    def write_core(self, core: torch.Tensor) -> None:
+        target = [c.data for c in self.cores]
+        torch._foreach_copy_(target, list(core.to(device=self.device, dtype=target[0].dtype).unbind(0)))
+
+    def write_basis(self, mode: int, basis: torch.Tensor) -> None:
+        target = [b[mode].data for b in self.bases]
+        torch._foreach_copy_(target, list(basis.to(target[0].dtype).unbind(0)))
+
+
+def shape_batches(layers: Sequence[tuple[str, Any]], name: str) -> list[LayerBatch]:
+    """The `(module name, layer)` pairs of an adapter grouped by the shapes, dtypes and device of core and bases (a
+    conv with its channel modes, and one with all four modes adaptive, land in different batches)."""
+    groups: dict[tuple, list[Any]] = {}
+    for _, layer in layers:
+        core, bases = layer.tucker_core[name], list(layer.tucker_bases[name])
+        key = (
+            type(layer).__name__,
+            tuple(core.shape),
+            core.dtype,
+            core.device,
+            tuple((tuple(b.shape), b.dtype) for b in bases),
+        )
+        groups.setdefault(key, []).append(layer)
+    return [LayerBatch(group, name) for group in groups.values()]
+
+
+# ---- stacked tensor maths ---------------------------------------------------------------------------------------
+
+
+def _unfold(x: torch.Tensor, mode: int) -> torch.Tensor:
+    """Batched mode unfolding of `(L, a_0, a_1, ...)`: `(L, a_mode, prod of the others)`."""
+    return x.movedim(mode + 1, 1).reshape(x.shape[0], x.shape[mode + 1], -1)
+
+
+def _mode_product(x: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Tensor:
+    """Batched `x x_mode matrix`, `matrix` `(L, m, a_mode)`."""
+    moved = x.movedim(mode + 1, 1)
+    shape = list(moved.shape)
+    shape[1] = matrix.shape[1]
+    return (matrix @ moved.reshape(x.shape[0], x.shape[mode + 1], -1)).reshape(shape).movedim(1, mode + 1)
+
+
+def _column_mask(counts: Sequence[int], size: int, device: torch.device = _CPU) -> torch.Tensor:
+    """`(L, size)` bool, true in the first `counts[l]` columns."""
+    return torch.arange(size, device=device) < torch.tensor(list(counts), device=device)[:, None]
+
+
+def _block_mask(ranks: Sequence[Sequence[int]], shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """`(L, *shape)` bool, true inside the leading block `[:r_0, :r_1, ...]` of every layer (trailing modes whole)."""
+    mask = torch.ones(len(ranks), *shape, dtype=torch.bool, device=device)
+    for mode in range(len(ranks[0])):
+        cols = _column_mask([r[mode] for r in ranks], shape[mode], device)
+        view = [len(ranks)] + [1] * len(shape)
+        view[mode + 1] = shape[mode]
+        mask &= cols.reshape(view)
+    return mask
+
+
+def _orthonormalize(u: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Batched Cholesky-QR of the active columns of `u` `(L, n, cap)` (the others zero): `q` with orthonormal active
+    columns and zero others, and `tri` `(L, cap, cap)` (CPU float64, the identity on the inactive diagonal) with
+    `u = q @ tri`. None when a Gram matrix is not numerically positive definite."""
+    gram = (u.mT @ u).to(device=_CPU, dtype=torch.float64)
+    gram = gram + torch.diag_embed((~active).to(gram.dtype))
+    tri, info = torch.linalg.cholesky_ex(gram, upper=True)
+    if bool(info.any()) or not bool(torch.isfinite(tri).all()):
+        return None
+    q = torch.linalg.solve_triangular(tri.to(u), u, upper=True, left=False)
+    return q, tri
+
+
+def _eigh_descending(gram: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of the active blocks of stacked Gram matrices (CPU float64), descending: singular values (padded
+    with zeros) and eigenvectors (rows outside the active block zero)."""
+    shift = 1.0 + torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)
+    padded = gram - torch.diag_embed((~active).to(gram.dtype) * shift[:, None])
+    values, vectors = torch.linalg.eigh(padded)
+    sigma = values.flip(-1).clamp_min(0).sqrt() * active.to(values.dtype)  # padded values sort last after the flip
+    vectors = vectors.flip(-1) * active[:, :, None].to(vectors.dtype)
+    return sigma, vectors
+
+
+# ---- retraction -------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def retract(batch: LayerBatch) -> bool:
+    """`rank_ops.retract` for every layer of `batch`; False (nothing written) when the reference must do it."""
+    ranks = batch.ranks()
+    core = batch.stacked_core()
+    new_bases = []
+    for mode in range(batch.n_modes):
+        u = batch.stacked_basis(mode, batch.basis_dtype(mode))
+        active = _column_mask([r[mode] for r in ranks], u.shape[-1])
+        result = _orthonormalize(u, active.to(u.device))
+        if result is None:
+            return False
+        q, tri = result
+        core = _mode_product(core, tri, mode)
+        new_bases.append(q)
+    for mode, q in enumerate(new_bases):
+        batch.write_basis(mode, q)
+    batch.write_core(core)
+    return True
+
+
+# ---- augmentation -----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def augment(
+    batch: LayerBatch,
+    basis_grads: Sequence[Sequence[torch.Tensor | None]],
+    *,
+    rel_cut: float = 1e-3,
+    zero_tol: float | None = None,
+) -> list[list[int]] | None:
+    """`rank_ops.augment` for every layer of `batch` (`basis_grads[l][mode]`); returns the widths per layer, or None
+    (nothing written) when the reference must do it."""
+    ranks = batch.ranks()
+    n_layers = len(batch)
+    new_bases = []
+    widths = [list(r) for r in ranks]
+    for mode in range(batch.n_modes):
+        dtype = batch.basis_dtype(mode)
+        u = batch.stacked_basis(mode, dtype)
+        n, cap = u.shape[1:]
+        rank = [r[mode] for r in ranks]
+        n_new = [min(r, cap - r, n - r) for r in rank]
+        grads = [g[mode] for g in basis_grads]
+        present = [g is not None for g in grads]
+        if not any(present) or max(n_new) <= 0:
+            new_bases.append(None)
+            continue
+        grad_dtype = next(g.dtype for g in grads if g is not None)
+        zero = grads[present.index(True)].new_zeros(())
+        g = torch.stack([zero.expand(n, cap) if x is None else x for x in grads]).to(dtype)
+        active = _column_mask(rank, cap, u.device)
+        g = g * active[:, None, :]
+        projected = g - u @ (u.mT @ g)
+        projected = projected - u @ (u.mT @ projected)
+        # one transfer: the Gram matrices of the projected gradients and the gradients' norms
+        small = torch.cat(
+            [(projected.mT @ projected).reshape(n_layers, -1), torch.linalg.vector_norm(g, dim=(1, 2))[:, None]], 1
+        )
+        small = small.to(device=_CPU, dtype=torch.float64)
+        gram, g_norm = small[:, :-1].reshape(n_layers, cap, cap), small[:, -1]
+        finite = torch.isfinite(small).all(-1)
+        gram = torch.where(finite[:, None, None], gram, torch.zeros_like(gram))
+        active_cpu = _column_mask(rank, cap)
+        sigma, right = _eigh_descending(gram, active_cpu)
+        if zero_tol is None:
+            eps = (
+                max(torch.finfo(grad_dtype).eps, torch.finfo(torch.float32).eps)
+                if grad_dtype.is_floating_point
+                else 0.0
+            )
+            zero_tol = 100 * eps
+        usable = finite & (g_norm != 0) & (sigma[:, 0] > zero_tol * g_norm) & torch.tensor(present)
+        above = (sigma > rel_cut * sigma[:, :1]).sum(-1)
+        k = torch.minimum(torch.tensor(n_new).clamp_min(0), above) * usable
+        k_list = [int(x) for x in k.tolist()]
+        if max(k_list) == 0:
+            new_bases.append(None)
+            continue
+        keep = _column_mask(k_list, cap)
+        coef = right * torch.where(keep, 1.0 / torch.where(keep, sigma, 1.0), 0.0)[:, None, :]
+        new = projected @ coef.to(projected)  # the leading left singular vectors, in columns [:k]
+        new = new - u @ (u.mT @ new)
+        result = _orthonormalize(new, keep.to(new.device))
+        if result is None:
+            return None
+        new, _ = result
+        # columns [:k] move to [r : r + k]: a 0/1 matrix, exact
+        shift = torch.zeros(n_layers, cap, cap, dtype=torch.float64)
+        for layer, (r, kk) in enumerate(zip(rank, k_list)):
+            if kk:
+                shift[layer, torch.arange(kk), torch.arange(r, r + kk)] = 1.0
+        new_bases.append(u + new @ shift.to(new))
+        for layer, kk in enumerate(k_list):
+            widths[layer][mode] = rank[layer] + kk
+    for mode, basis in enumerate(new_bases):
+        if basis is not None:
+            batch.write_basis(mode, basis)
+    return widths
+
+
+def state_after_augment(optimizer: Any, batch: LayerBatch, ranks: list[list[int]], train_bases: bool) -> None:
+    """`optimizer_state.state_after_augment` (and the bases' counterpart with `train_bases`) for the whole batch:
+    the moments are zeroed outside the old active blocks, one masked product per moment."""
+    params = [batch.cores] + ([[b[m] for b in batch.bases] for m in range(batch.n_modes)] if train_bases else [])
+    for slot, tensors in enumerate(params):
+        moments = [_moments(optimizer, p) for p in tensors]
+        flat = [m[0] + m[1] for m in moments]
+        if not flat[0] or any(len(f) != len(flat[0]) for f in flat):
+            continue
+        shape = tensors[0].shape
+        if slot == 0:
+            mask = _block_mask(ranks, shape, batch.device)
+        else:
+            mask = _column_mask([r[slot - 1] for r in ranks], shape[1], batch.device)[:, None, :].expand(-1, *shape)
+        for index in range(len(flat[0])):
+            targets = [f[index] for f in flat]
+            torch._foreach_mul_(targets, list(mask.to(targets[0].dtype).unbind(0)))
+
+
+# ---- truncation -------------------------------------------------------------------------------------------------
+
+
+class BatchSpectra:
+    """Phase 1 of a truncation for a batch: the stacked active cores (CPU float64, zero outside the blocks), per mode
+    the singular values `(L, cap)` (descending, zero-padded) and left singular vectors `(L, cap, cap)`, the cores'
+    norms `(L,)` and the widths."""
+
+    def __init__(self, core, sigmas, rotations, norms, widths) -> None:
+        self.core, self.sigmas, self.rotations, self.norms, self.widths = core, sigmas, rotations, norms, widths
+
+    def layer(self, index: int) -> Spectra:
+        """The per-layer `rank_ops.Spectra` of layer `index` (for rank rules written against one layer)."""
+        widths = self.widths[index]
+        active = self.core[index][tuple(slice(0, w) for w in widths)]
+        rotations = [p[index, :w, :w] for p, w in zip(self.rotations, widths)]
+        sigmas = [s[index, :w] for s, w in zip(self.sigmas, widths)]
+        return Spectra(active, rotations, sigmas)
+
+
+@torch.no_grad()
+def truncation_spectra(batch: LayerBatch) -> BatchSpectra:
+    """Phase 1 (`rank_ops.truncation_spectra` for every layer of `batch`): one transfer of the stacked cores, one
+    batched `eigh` per mode."""
+    widths = batch.ranks()
+    core = batch.stacked_core()
+    sigmas, rotations = [], []
+    for mode in range(batch.n_modes):
+        mat = _unfold(core, mode)
+        sigma, vectors = _eigh_descending(mat @ mat.mT, _column_mask([w[mode] for w in widths], mat.shape[1]))
+        sigmas.append(sigma)
+        rotations.append(vectors)
+    norms = torch.linalg.vector_norm(core.reshape(len(batch), -1), dim=1)
+    return BatchSpectra(core, sigmas, rotations, norms, widths)
+
+
+def ranks_for_tolerance(
+    spectra: BatchSpectra, tau: float, r_min: int | Sequence[int], r_max: int | Sequence[int]
+) -> list[list[int]]:
+    """Phase 2, tolerance rule (`rank_ops.ranks_for_tolerance`) for every layer, on the host from the stacked singular
+    values: per mode the smallest r with `||sigma[r:]||_2 <= tau * ||C||_F`, clamped to `[r_min, r_max]` and the
+    width."""
+    if not 0.0 <= tau < 1.0:
+        raise ValueError(f"`tau` must be in [0, 1); got {tau}")
+    n_modes = len(spectra.sigmas)
+    r_min, r_max = check_bounds(r_min, r_max, n_modes)
+    threshold = (tau * spectra.norms)[:, None]
+    ranks = []
+    for mode, sigma in enumerate(spectra.sigmas):
+        tails = torch.cumsum(sigma.flip(-1) ** 2, -1).flip(-1).sqrt()  # tails[:, r] = ||sigma[r:]||, zero past width
+        counts = (tails > threshold).sum(-1).clamp(min=r_min[mode], max=r_max[mode])
+        width = torch.tensor([w[mode] for w in spectra.widths])
+        ranks.append(torch.minimum(counts, width))
+    return torch.stack(ranks, 1).tolist()
+
+
+@torch.no_grad()
+def apply_truncation(batch: LayerBatch, spectra: BatchSpectra, ranks: list[list[int]]) -> list[torch.Tensor] | None:
+    """Phase 3 (`rank_ops.apply_truncation` for every layer of `batch`): keeps the leading `ranks[l][i]` directions
+    of every mode. Returns per mode the zero-padded rotations `(L, cap, cap)` (CPU float64; `P_i[:w, :r]` in the
+    leading block) that the optimizer state must follow, or None (nothing written) when the reference must do it."""
+    for layer, (width, rank) in enumerate(zip(spectra.widths, ranks)):
+        for mode, (w, r) in enumerate(zip(width, rank)):
+            if not 0 <= r <= w:
+                raise ValueError(f"`ranks[{layer}][{mode}]` must be in [0, {w}] (the width); got {r}")
+    core = spectra.core
+    new_bases, rotations = [], []
+    for mode in range(batch.n_modes):
+        cap = spectra.rotations[mode].shape[-1]
+        kept = _column_mask([r[mode] for r in ranks], cap)
+        rotation = spectra.rotations[mode] * kept[:, None, :]
+        u = batch.stacked_basis(mode, batch.basis_dtype(mode))
+        result = _orthonormalize(u @ rotation.to(u), kept.to(u.device))
+        if result is None:
+            return None
+        q, tri = result
+        core = _mode_product(core, tri @ rotation.mT, mode)
+        new_bases.append(q)
+        rotations.append(rotation)
+    for mode, q in enumerate(new_bases):
+        batch.write_basis(mode, q)
+    batch.write_core(core)
+    return rotations
+
+
+def per_layer_rotations(rotations: list[torch.Tensor], widths: list[list[int]], ranks: list[list[int]]):
+    """The reference's rotations `P_i[:w, :r]` of every layer from the padded ones."""
+    return [
+        [p[layer, :w, :r] for p, w, r in zip(rotations, widths[layer], ranks[layer])] for layer in range(len(widths))
+    ]
+
+
+@torch.no_grad()
+def state_after_truncate(optimizer: Any, batch: LayerBatch, rotations: list[torch.Tensor], train_bases: bool) -> bool:
+    """`optimizer_state.state_after_truncate` (and the bases' counterpart with `train_bases`) for the whole batch:
+    first moments `m <- m x_i P_i^T`, second moments `v <- v x_i (P_i * P_i)^T` clamped at 0, with the padded
+    rotations (which also zero everything outside the new blocks). False when the moments of the layers differ in
+    structure (the caller then uses the per-layer functions)."""
+    device = batch.device
+    padded = [p.to(device) for p in rotations]
+    params = [batch.cores] + ([[b[m] for b in batch.bases] for m in range(batch.n_modes)] if train_bases else [])
+    plans = []
+    for tensors in params:
+        moments = [_moments(optimizer, p) for p in tensors]
+        if any(len(m[0]) != len(moments[0][0]) or len(m[1]) != len(moments[0][1]) for m in moments):
+            return False
+        plans.append(moments)
+    for slot, moments in enumerate(plans):
+        for kind in (0, 1):
+            for index in range(len(moments[0][kind])):
+                targets = [m[kind][index] for m in moments]
+                x = torch.stack(targets).to(torch.float64)
+                if slot == 0:
+                    for mode, p in enumerate(padded):
+                        x = _mode_product(x, (p * p if kind else p).mT, mode)
+                else:
+                    p = padded[slot - 1]
+                    x = x @ (p * p if kind else p)
+                if kind:
+                    x = x.clamp_min(0)
+                torch._foreach_copy_(targets, list(x.to(targets[0].dtype).unbind(0)))
+    return True
+
+
+def set_ranks(batch: LayerBatch, ranks: list[list[int]]) -> None:
+    """Sets the active ranks of every layer: the rank buffers in one transfer and one copy, the caches on the host."""
+    buffers = [layer.tucker_ranks[batch.name] for layer in batch.layers]
+    values = torch.tensor(ranks, dtype=buffers[0].dtype).to(buffers[0].device)
+    torch._foreach_copy_(buffers, list(values.unbind(0)))
+    for layer, r in zip(batch.layers, ranks):
+        layer._ranks_cache[batch.name] = [int(x) for x in r]
