@@ -8,6 +8,7 @@ from pathlib import Path
 MARKERS = {
     "tucker": ("o", "tab:blue"),
     "tucker alpha 16": ("o", "lightsteelblue"),
+    "tucker budget 70%": ("D", "tab:purple"),
     "lora": ("s", "tab:orange"),
     "adalora": ("^", "tab:green"),
 }
