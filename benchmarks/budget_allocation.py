@@ -26,6 +26,7 @@ from tucker_lora.rank_ops import truncation_spectra
 
 
 def random_layers(seed: int) -> list[BudgetLayer]:
+    """2 or 3 layers with random cores of decaying spectra, some with an unfactored 2-entry trailing mode."""
     rnd, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     layers = []
     for _ in range(rnd.choice([2, 3])):

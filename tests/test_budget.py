@@ -11,6 +11,8 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
+from benchmarks.budget_allocation import count as total_count
+from benchmarks.budget_allocation import random_layers
 from tests.ddp.task import adapter_state, dataset, tucker_model
 from tests.helpers import set_ranks_by_hand
 from tucker_lora import TuckerAdapterConfig, TuckerLayer, TuckerRankUpdater
@@ -18,35 +20,12 @@ from tucker_lora.budget import (
     BudgetLayer,
     allocate_ranks,
     budget_at_step,
-    layer_energies,
     lost_energy,
-    parameter_count,
 )
-from tucker_lora.rank_ops import truncation_spectra
 
 # tests.ddp.task's model: inp Linear 16 -> 24, conv Conv2d 2 -> 6 (3x3, channel modes); every mode at r_min = 1:
 # inp 1 + 24 + 16, conv 1 * 9 + 6 + 2
 SMALLEST = 41 + 17
-
-
-def random_layers(seed: int) -> list[BudgetLayer]:
-    """2 or 3 layers with random cores of decaying spectra, some with an unfactored 2-entry trailing mode."""
-    rnd, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    layers = []
-    for _ in range(rnd.choice([2, 3])):
-        widths, trailing = [rnd.randint(2, 4), rnd.randint(2, 4)], rnd.choice([[], [], [2]])
-        matrix = torch.randn(widths[0], widths[1] * math.prod(trailing), generator=gen, dtype=torch.float64)
-        u, s, v = torch.linalg.svd(matrix, full_matrices=False)
-        s = s * 0.5 ** torch.arange(len(s), dtype=torch.float64) * 3 * rnd.random()
-        core = ((u * s) @ v).reshape(*widths, *trailing)
-        energies = layer_energies(truncation_spectra(core, widths))
-        sizes = [rnd.randint(4, 12), rnd.randint(4, 12)]
-        layers.append(BudgetLayer(energies, sizes, math.prod(trailing), [1, 1], widths))
-    return layers
-
-
-def total_count(layers, ranks) -> int:
-    return sum(parameter_count(r, layer.sizes, layer.unfactored) for layer, r in zip(layers, ranks))
 
 
 def test_allocation_is_close_to_the_exhaustive_best_on_small_cases():
