@@ -248,6 +248,14 @@ def select_stage(preset: dict, out_root: Path, timeout_s: float, parallel: int) 
             "by_candidate": by_candidate, "chosen": chosen}  # fmt: skip
 
 
+def majority_score(metrics: dict) -> float | None:
+    """The main metric of always predicting the most frequent training label, on the run's evaluation rows (runs of
+    older recipes, and regression, have none)."""
+    main = metrics["main_metric"]
+    baseline = (metrics.get("majority_baseline") or {}).get(main["split"])
+    return None if baseline is None else baseline[main["name"]]
+
+
 def eval_stage(
     preset: dict, out_root: Path, timeout_s: float, chosen: dict, parallel: int, collect_only: bool = False
 ) -> list[dict]:
@@ -266,6 +274,7 @@ def eval_stage(
         runs.append({
             "task": task, "method": method, "seed": seed, "metric": metrics["main_metric"]["name"],
             "value": metrics["main_metric"]["value"], "all_metrics": metrics["metrics"],
+            "majority": majority_score(metrics),
             "active_trainable_parameters": metrics["active_trainable_parameters"],
             "trainable_parameters": metrics["trainable_parameters"],
             "lora_r8_parameters": metrics["lora_r8_parameters"], "final_ranks": metrics["final_ranks"],
@@ -291,6 +300,7 @@ def aggregate(runs: list[dict], preset: dict) -> dict:
             "score": summarize([r["value"] for r in cell]),
             "active_trainable_parameters": summarize([r["active_trainable_parameters"] for r in cell]),
             "lora_r8_parameters": cell[0]["lora_r8_parameters"],
+            "majority_score": cell[0].get("majority"),
             "wall_time_s": summarize([r["wall_time_s"] for r in cell]),
         }  # fmt: skip
         if all(r.get("lora_r8_adapter_parameters") for r in cell):
@@ -331,14 +341,16 @@ def markdown(record: dict) -> str:
         f"Common settings: {record['common']}. Per-method settings ({record['method_settings_source']}): "
         f"{record['method_settings']}.",
         "",
-        "| task | metric | method | dev score mean +- std (median) | active trainable params (% of LoRA r=8) "
-        "| wall time per run (s) |",
+        "| task | metric (majority class) | method | dev score mean +- std (median) "
+        "| active trainable params (% of LoRA r=8) | wall time per run (s) |",
         "|---|---|---|---|---|---|",
     ]
     for cell in record["summary"]["cells"].values():
         s, p, w = cell["score"], cell["active_trainable_parameters"], cell["wall_time_s"]
+        majority = cell.get("majority_score")
+        metric = cell["metric"] + ("" if majority is None else f" ({100 * majority:.2f})")
         lines.append(
-            f"| {cell['task']} | {cell['metric']} | {cell['method']} | {100 * s['mean']:.2f} +- {100 * s['std']:.2f} "
+            f"| {cell['task']} | {metric} | {cell['method']} | {100 * s['mean']:.2f} +- {100 * s['std']:.2f} "
             f"({100 * s['median']:.2f}) | {p['mean']:,.0f} ({100 * p['mean'] / cell['lora_r8_parameters']:.0f}%) "
             f"| {w['mean']:.0f} +- {w['std']:.0f} |"
         )

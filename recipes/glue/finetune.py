@@ -12,9 +12,9 @@ python recipes/glue/finetune.py --config recipes/glue/configs/rte.json --method 
 torchrun --nproc_per_node 2 recipes/glue/finetune.py --config recipes/glue/configs/rte.json ...
 ```
 
-Writes to `--output_dir`: `metrics.json` (dev metrics, trainable parameters, final ranks, wall time, versions),
-`adapter/` (the PEFT adapter with the trained classifier head), `trainer_state.json` (the logs) and `ranks.png`
-(Tucker and AdaLoRA).
+Writes to `--output_dir`: `metrics.json` (dev metrics, the majority-class score, trainable parameters, final ranks,
+wall time, versions), `adapter/` (the PEFT adapter with the trained classifier head), `trainer_state.json` (the logs)
+and `ranks.png` (Tucker and AdaLoRA).
 """
 
 import importlib.metadata
@@ -32,7 +32,7 @@ import datasets
 import torch
 import transformers
 from callbacks import AdaLoraAllocatorCallback, CompactProgressCallback, adalora_ranks
-from metrics import compute_metrics, predictions_from_logits
+from metrics import compute_metrics, majority_baseline, predictions_from_logits
 from peft import AdaLoraConfig, LoraConfig, PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tasks import TASKS, get_task, held_out_rows, load_glue, take_rest, take_subset
@@ -617,6 +617,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_on": main_split,
         "metrics": results,
         "main_metric": {"name": task.main_metric, "split": main_split, "value": results[main_split][task.main_metric]},
+        # the score of always predicting the most frequent training label, on the same rows
+        "majority_baseline": {n: majority_baseline(task.name, train["label"], ds["label"]) for n, ds in evals.items()},
         "train_loss": train_result.training_loss,
         "optimizer_steps": trainer.state.global_step,
         "trainable_parameters": counts["trainable"],

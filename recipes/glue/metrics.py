@@ -78,6 +78,17 @@ def compute_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> d
     return {name: METRICS[name](predictions, labels) for name in spec.metrics}
 
 
+def majority_baseline(task: str, train_labels: np.ndarray, eval_labels: np.ndarray) -> dict[str, float] | None:
+    """`task`'s metrics for always predicting the training rows' most frequent class: the score a run must clearly
+    beat to have learned anything (0 MCC on CoLA, about 68% accuracy on MRPC). `None` for regression, where a
+    constant prediction has no correlation."""
+    if get_task(task).is_regression:
+        return None
+    classes, counts = np.unique(np.asarray(train_labels), return_counts=True)
+    eval_labels = np.asarray(eval_labels)
+    return compute_metrics(task, np.full_like(eval_labels, classes[np.argmax(counts)]), eval_labels)
+
+
 def predictions_from_logits(task: str, logits: np.ndarray) -> np.ndarray:
     """Class indices (argmax over the last axis), or the single output as a score for regression tasks."""
     logits = np.asarray(logits)

@@ -10,6 +10,7 @@ from metrics import (
     accuracy,
     compute_metrics,
     f1_binary,
+    majority_baseline,
     matthews_correlation,
     pearson,
     predictions_from_logits,
@@ -80,3 +81,10 @@ def test_classification_predictions_are_argmax():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match=r"same shape; got \(2,\) and \(3,\)"):
         compute_metrics("sst2", np.array([0, 1]), np.array([0, 1, 1]))
+
+
+def test_majority_baseline_predicts_the_most_frequent_training_label():
+    train = np.array([1, 1, 1, 0])  # class 1 is the majority in training, class 0 on the evaluation rows
+    assert majority_baseline("mrpc", train, np.array([0, 0, 1, 0])) == {"accuracy": 0.25, "f1": pytest.approx(0.4)}
+    assert majority_baseline("cola", train, np.array([0, 1, 1]))["matthews_correlation"] == 0.0
+    assert majority_baseline("stsb", np.array([1.0, 2.0]), np.array([3.0, 4.0])) is None

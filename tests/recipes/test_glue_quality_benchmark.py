@@ -15,8 +15,8 @@ glue_quality = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(glue_quality)
 
 
-def fake_run(task: str, method: str, seed: int, value: float, active: int) -> dict:
-    return {"task": task, "method": method, "seed": seed, "metric": "accuracy", "value": value,
+def fake_run(task: str, method: str, seed: int, value: float, active: int, majority: float | None = None) -> dict:
+    return {"task": task, "method": method, "seed": seed, "metric": "accuracy", "value": value, "majority": majority,
             "active_trainable_parameters": active, "lora_r8_parameters": 1000, "wall_time_s": 10.0 + seed}  # fmt: skip
 
 
@@ -86,7 +86,9 @@ def test_aggregate_means_stds_and_goal(tmp_path: Path):
     runs = []
     for seed, (t, lo, ada) in enumerate([(0.6, 0.5, 0.55), (0.7, 0.6, 0.55), (0.8, 0.7, 0.55)]):
         for task in ("rte", "sst2"):
-            runs += [fake_run(task, "tucker", seed, t, 600), fake_run(task, "lora", seed, lo, 1000),
+            majority = 0.5123 if task == "sst2" else None  # rte's runs stand for older records without one
+            runs += [fake_run(task, "tucker", seed, t, 600, majority),
+                     fake_run(task, "lora", seed, lo, 1000, majority),
                      fake_run(task, "adalora", seed, ada, 900)]  # fmt: skip
     summary = glue_quality.aggregate(runs, preset)
     cell = summary["cells"]["rte/tucker"]["score"]
@@ -106,6 +108,7 @@ def test_aggregate_means_stds_and_goal(tmp_path: Path):
                    "active_fraction_of_lora_r8": 0.583}]}}  # fmt: skip
     table = glue_quality.markdown(record)
     assert "| rte | accuracy | tucker | 70.00 +- 10.00 (70.00) | 600 (60%) | 11 +- 1 |" in table
+    assert "| sst2 | accuracy (51.23) | lora | 60.00 +- 10.00 (60.00) | 1,000 (100%) | 11 +- 1 |" in table
     assert "| tucker | 70.00 | 60% | - |" in table  # runs without adapter-only counts
     assert "| tucker | {'tau': 0.25} | 85.12 | 58% |" in table
     figure = glue_quality.plot_quality(summary, tmp_path / "quality.png", "t")
