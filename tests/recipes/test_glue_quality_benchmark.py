@@ -46,9 +46,9 @@ def test_variants_draw_a_method_at_other_settings(tmp_path: Path):
     assert options["method"] == "lora" and options["rank"] == 2 and options["alpha"] == 16
     options = glue_quality.run_options(preset, "sst2", "tucker_tau30", 0, {"tucker": {"tau": 0.1, "r_max": 12}})
     assert options["method"] == "tucker" and options["tau"] == 0.3 and options["r_max"] == 12
-    options = glue_quality.run_options(preset, "sst2", "tucker_a16_tau20", 0)
-    assert options["method"] == "tucker" and options["alpha"] == 16 and options["tau"] == 0.2
-    assert "family" not in options and glue_quality.family(preset, "tucker_a16_tau20") == "tucker alpha 16"
+    options = glue_quality.run_options(preset, "sst2", "tucker_budget70", 0)
+    assert options["method"] == "tucker" and options["tau"] == 0.01 and options["freeze_ranks_after"] == 0.5
+    assert "family" not in options and glue_quality.family(preset, "tucker_budget70") == "tucker budget 70%"
     assert glue_quality.run_options(preset, "sst2", "tucker", 0)["alpha"] == 64
     runs = [fake_run("sst2", "lora", 0, 0.85, 1000), fake_run("sst2", "lora_r2", 0, 0.80, 250),
             fake_run("sst2", "tucker", 0, 0.86, 400)]  # fmt: skip
