@@ -20,12 +20,20 @@ def fake_run(task: str, method: str, seed: int, value: float, active: int, major
             "active_trainable_parameters": active, "lora_r8_parameters": 1000, "wall_time_s": 10.0 + seed}  # fmt: skip
 
 
-def test_presets_load_and_cover_the_four_local_tasks():
-    for name in ("quick", "full"):
+TRAIN_ROWS = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "rte": 2490}  # the local GLUE training sets
+
+
+def test_presets_load_with_the_head_trained_and_the_long_one_at_scale():
+    for name, tasks in (("quick", ["mrpc", "sst2"]), ("full", ["cola", "mrpc", "rte", "sst2"])):
         preset = glue_quality.load_preset(name)
-        assert sorted(preset["tasks"]) == ["cola", "mrpc", "rte", "sst2"]
+        assert sorted(preset["tasks"]) == tasks
         assert len(preset["seeds"]) >= 3 and preset["methods"] == ["tucker", "lora", "adalora", "tucker_budget70"]
         assert preset["tasks"]["sst2"]["max_train_samples"] < 67349  # a documented SST-2 subset
+        assert preset["common"]["modules_to_save"] == ["classifier", "pooler"]  # MRPC learns nothing without it
+    for task, options in preset["tasks"].items():  # the full preset: >= 1,500 optimizer steps per run
+        rows = min(options.get("max_train_samples", TRAIN_ROWS[task]), TRAIN_ROWS[task])
+        steps = -(-rows // preset["common"]["per_device_train_batch_size"]) * options["num_train_epochs"]
+        assert steps >= 1500, (task, steps)
     # Tucker at 70% of LoRA r=8's adapter parameters: the budget decides (tau 0.01), with Tucker's chosen rate
     options = glue_quality.run_options(
         preset, "sst2", "tucker_budget70", 0, {"tucker": {"tau": 0.25, "learning_rate": 3e-3}}
