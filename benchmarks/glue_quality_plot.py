@@ -46,6 +46,9 @@ def plot_quality(summary: dict, path: Path, title: str) -> Path:
             ax.errorbar(shares, means, yerr=stds, fmt=marker + "-", color=color, capsize=3, linewidth=1,
                         label=f"{name} (n={n})")  # fmt: skip
         ax.axvline(70, color="gray", linestyle=":", linewidth=1)  # the goal's parameter budget
+        majority = next((c["majority_score"] for c in cells if c.get("majority_score") is not None), None)
+        if majority is not None:  # a run at this line learned nothing
+            ax.axhline(100 * majority, color="gray", linestyle="--", linewidth=1, label="majority class")
         ax.set_title(task)
         ax.set_xlabel("active params, % of LoRA r=8")
         ax.set_ylabel(next(c["metric"] for c in summary["cells"].values() if c["task"] == task) + " (x100)")
