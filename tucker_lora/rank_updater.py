@@ -242,8 +242,15 @@ class TuckerRankUpdater:
             bases = [b for _, layer in group.layers for b in layer.tucker_bases[group.name]]
             grads = [b.grad for b in bases if b.grad is not None]
             if keep:
-                # copied (one multi-tensor call): the optimizer step below must not see the same tensor change
-                copies = iter(torch._foreach_mul(grads, 1.0) if grads else [])
+                # only the active columns are used (augmentation reads `dL/dU[:, :r]`); copied in one multi-tensor
+                # call, so that the optimizer step below cannot change them and the full gradients are not kept
+                active = [
+                    b.grad[:, :r]
+                    for _, layer in group.layers
+                    for b, r in zip(layer.tucker_bases[group.name], layer.active_ranks(group.name))
+                    if b.grad is not None
+                ]
+                copies = iter(torch._foreach_mul(active, 1.0) if active else [])
                 for _, layer in group.layers:
                     self._basis_grads[id(layer)] = [
                         None if b.grad is None else next(copies) for b in layer.tucker_bases[group.name]
