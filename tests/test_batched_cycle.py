@@ -315,6 +315,7 @@ def test_augmentation_reads_only_the_leading_gradient_columns():
         [torch.randn(b.shape, generator=generator, dtype=torch.float64) for b in layer.tucker_bases["default"]]
         for layer in tucker_layers(model)
     ]
+    # each layer's own rank (the stacks then differ in width), as the reference reads them
     narrow = [[g[:, :r].clone() for g, r in zip(gs, layer.active_ranks("default"))]
               for gs, layer in zip(grads, tucker_layers(model))]  # fmt: skip
     for target, layer_grads in ((model, grads), (narrow_model, narrow)):
@@ -333,18 +334,21 @@ def test_augmentation_reads_only_the_leading_gradient_columns():
         assert widths == cut.active_ranks("default")
 
 
-def test_before_step_keeps_only_the_active_gradient_columns():
+def test_before_step_keeps_only_the_gradient_columns_the_augmentation_reads():
     model = mixed_model(augment_start_step=1, core_steps=2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     updater = TuckerRankUpdater(model, optimizer)
     x, image = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 3, 5, 5, dtype=torch.float64)
     model(x, image).square().mean().backward()
     updater.before_step()  # step 1 ends with an augmentation
-    for layer in tucker_layers(model):
-        kept = updater._basis_grads[id(layer)]
-        for grad, basis, r in zip(kept, layer.tucker_bases["default"], layer.active_ranks("default")):
-            assert grad.shape == (basis.shape[0], r)
-            assert torch.equal(grad, basis.grad[:, :r])
+    for batch in batches_of(model):
+        widest = [max(r[mode] for r in batch.ranks()) for mode in range(batch.n_modes)]
+        for layer in batch.layers:
+            kept = updater._basis_grads[id(layer)]
+            for grad, basis, w, cap in zip(kept, layer.tucker_bases["default"], widest, layer.capacities("default")):
+                assert w == min(3, cap)  # every layer starts at r=3: the gradients at capacity (8) are not kept
+                assert grad.shape == (basis.shape[0], w)
+                assert torch.equal(grad, basis.grad[:, :w])
 
 
 def _stepped_optimizer(model, steps: int = 3) -> torch.optim.Optimizer:

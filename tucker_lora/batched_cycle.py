@@ -38,19 +38,18 @@ _CPU = torch.device("cpu")
 
 
 def _leading(widths: Sequence[int]) -> tuple[slice, ...]:
-    return tuple(slice(0, int(w)) for w in widths)
+    """The index of the leading block `[:w_0, :w_1, ...]` of stacked tensors (the layer axis whole)."""
+    return (slice(None),) + tuple(slice(0, int(w)) for w in widths)
 
 
-def _write_leading(targets: list[torch.Tensor], values: torch.Tensor, widths: Sequence[int], columns: bool) -> None:
-    """`targets[l][:w_0, :w_1, ...] = values[l]` (cores and their moments), or with `columns`
-    `targets[l][:, :w_0] = values[l]` (bases and their moments), and zero elsewhere: two multi-tensor calls for the
-    whole batch."""
-    index = ((slice(None),) if columns else ()) + _leading(widths)
-    if columns:  # a basis or a moment of one, `(n, cap)`: only the columns past the block need zeroing
-        torch._foreach_zero_([t[:, int(widths[0]) :] for t in targets])
-    else:
-        torch._foreach_zero_(targets)
-    torch._foreach_copy_([t[index] for t in targets], list(values.to(targets[0].dtype).unbind(0)))
+def _write(targets: list[torch.Tensor], values: torch.Tensor) -> None:
+    """`targets[l] = values[l]`, `values` `(L, ...)` a leading block of the targets' shape, padded with zeros: one
+    conversion, one pad and one multi-tensor copy for the whole batch."""
+    values = values.to(device=targets[0].device, dtype=targets[0].dtype)
+    spec = []
+    for size, target in zip(reversed(values.shape[1:]), reversed(targets[0].shape)):
+        spec += [0, target - size]
+    torch._foreach_copy_(targets, list(torch.nn.functional.pad(values, spec).unbind(0)))
 
 
 class LayerBatch:
@@ -72,24 +71,31 @@ class LayerBatch:
     def stacked_core(self, widths: Sequence[int]) -> torch.Tensor:
         """The cores' leading blocks `[:widths[0], :widths[1], ...]` (trailing modes whole), `(L, w_0, w_1, ...)`,
         float64 on the CPU: one transfer."""
-        block = _leading(widths)
-        return torch.stack([c.data[block] for c in self.cores]).to(device=_CPU, dtype=torch.float64)
+        return torch.stack([c.data for c in self.cores])[_leading(widths)].to(device=_CPU, dtype=torch.float64)
 
     def stacked_basis(self, mode: int, dtype: torch.dtype, width: int) -> torch.Tensor:
         """The leading `width` columns of the bases of `mode`, `(L, n, width)` in `dtype`."""
-        return torch.stack([b[mode].data[:, :width] for b in self.bases]).to(dtype)
+        return torch.stack([b[mode].data for b in self.bases])[..., :width].to(dtype)
 
     def basis_dtype(self, mode: int) -> torch.dtype:
         return _compute_dtype(self.bases[0][mode])
 
     def write_core(self, core: torch.Tensor) -> None:
-        """Writes `core` `(L, w_0, w_1, ...)` into the leading blocks, zeros the rest of every core."""
-        values = core.to(device=self.device)
-        _write_leading([c.data for c in self.cores], values, values.shape[1 : self.n_modes + 1], columns=False)
+        """Writes `core` `(L, w_0, w_1, ...)` into the leading blocks of the cores, zeros the rest."""
+        _write([c.data for c in self.cores], core)
 
     def write_basis(self, mode: int, basis: torch.Tensor) -> None:
         """Writes `basis` `(L, n, w)` into the leading `w` columns of the bases of `mode`, zeros the others."""
-        _write_leading([b[mode].data for b in self.bases], basis, [basis.shape[-1]], columns=True)
+        _write([b[mode].data for b in self.bases], basis)
+
+
+def leading_widths(layers: Sequence[tuple[str, Any]], name: str) -> dict[int, list[int]]:
+    """Per layer (by `id`), the widths an event reads of its bases: per mode the largest rank of its shape batch."""
+    out = {}
+    for batch in shape_batches(layers, name):
+        widths = _widest(batch.ranks())
+        out.update((id(layer), widths) for layer in batch.layers)
+    return out
 
 
 def shape_batches(layers: Sequence[tuple[str, Any]], name: str) -> list[LayerBatch]:
@@ -199,10 +205,12 @@ def retract(batch: LayerBatch) -> bool:
 
 
 def _stacked_grads(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
-    """The leading columns of the gradients (each `(n, >= their layer's rank)`, or None: zero), zero-padded to
-    `like`'s `(L, n, w)` and dtype."""
-    out = torch.zeros_like(like)
+    """The leading columns of the gradients (each `(n, >= their layer's rank)`, or None: zero), as `like` `(L, n, w)`
+    in its dtype, zero-padded where a gradient is narrower."""
     width = like.shape[-1]
+    if all(g is not None for g in grads) and len({g.shape for g in grads}) == 1 and grads[0].shape[1] >= width:
+        return torch.stack(list(grads))[..., :width].to(like.dtype)
+    out = torch.zeros_like(like)  # missing gradients or different widths (not from the updater): one copy per layer
     pairs = [(out[layer, :, : min(width, g.shape[1])], g[:, :width]) for layer, g in enumerate(grads) if g is not None]
     torch._foreach_copy_(*map(list, zip(*pairs)))
     return out
@@ -289,22 +297,21 @@ def augment(
 
 def state_after_augment(optimizer: Any, batch: LayerBatch, ranks: list[list[int]], train_bases: bool) -> None:
     """`optimizer_state.state_after_augment` (and the bases' counterpart with `train_bases`) for the whole batch:
-    the moments are zeroed outside the old active blocks (the cores' with one masked product per moment, the bases'
-    by zeroing their columns past the rank, one multi-tensor call per moment)."""
+    the moments are zeroed outside the old active blocks, one masked product per moment."""
     params = [batch.cores] + ([[b[m] for b in batch.bases] for m in range(batch.n_modes)] if train_bases else [])
     for slot, tensors in enumerate(params):
         moments = [_moments(optimizer, p) for p in tensors]
         flat = [m[0] + m[1] for m in moments]
         if not flat[0] or any(len(f) != len(flat[0]) for f in flat):
             continue
+        shape = tensors[0].shape
         if slot == 0:
-            mask = _block_mask(ranks, tensors[0].shape, batch.device)
+            mask = _block_mask(ranks, shape, batch.device)
+        else:
+            mask = _column_mask([r[slot - 1] for r in ranks], shape[1], batch.device)[:, None, :].expand(-1, *shape)
         for index in range(len(flat[0])):
             targets = [f[index] for f in flat]
-            if slot == 0:
-                torch._foreach_mul_(targets, list(mask.to(targets[0].dtype).unbind(0)))
-            else:
-                torch._foreach_zero_([t[:, r[slot - 1] :] for t, r in zip(targets, ranks)])
+            torch._foreach_mul_(targets, list(mask.to(targets[0].dtype).unbind(0)))
 
 
 # ---- truncation -------------------------------------------------------------------------------------------------
@@ -322,7 +329,7 @@ class BatchSpectra:
     def layer(self, index: int) -> Spectra:
         """The per-layer `rank_ops.Spectra` of layer `index` (for rank rules written against one layer)."""
         widths = self.widths[index]
-        active = self.core[index][_leading(widths)]
+        active = self.core[index][tuple(slice(0, w) for w in widths)]
         rotations = [p[index, :w, :w] for p, w in zip(self.rotations, widths)]
         sigmas = [s[index, :w] for s, w in zip(self.sigmas, widths)]
         return Spectra(active, rotations, sigmas)
@@ -425,17 +432,14 @@ def state_after_truncate(optimizer: Any, batch: LayerBatch, rotations: list[torc
             for index in range(len(moments[0][kind])):
                 targets = [m[kind][index] for m in moments]
                 if slot == 0:
-                    x = torch.stack([t[_leading(widths)] for t in targets]).to(torch.float64)
+                    x = torch.stack(targets)[_leading(widths)].to(torch.float64)
                     for mode, p in enumerate(padded):
                         x = _mode_product(x, (p * p if kind else p).mT, mode)
                 else:
                     p = padded[slot - 1]
-                    x = torch.stack([t[:, : p.shape[1]] for t in targets]).to(torch.float64)
+                    x = torch.stack(targets)[..., : p.shape[1]].to(torch.float64)
                     x = x @ (p * p if kind else p)
-                if kind:
-                    x = x.clamp_min(0)
-                block = x.shape[1 : batch.n_modes + 1] if slot == 0 else x.shape[-1:]
-                _write_leading(targets, x, block, columns=slot > 0)
+                _write(targets, x.clamp_min(0) if kind else x)
                 del x
     return True
 

@@ -242,12 +242,14 @@ class TuckerRankUpdater:
             bases = [b for _, layer in group.layers for b in layer.tucker_bases[group.name]]
             grads = [b.grad for b in bases if b.grad is not None]
             if keep:
-                # only the active columns are used (augmentation reads `dL/dU[:, :r]`); copied in one multi-tensor
-                # call, so that the optimizer step below cannot change them and the full gradients are not kept
+                # only the columns the batched augmentation reads (`dL/dU[:, :r]`, up to the largest rank of the
+                # layer's shape batch); copied in one multi-tensor call, so that the optimizer step below cannot
+                # change them and the full gradients are not kept
+                widths = batched_cycle.leading_widths(group.layers, group.name)
                 active = [
-                    b.grad[:, :r]
+                    b.grad[:, :w]
                     for _, layer in group.layers
-                    for b, r in zip(layer.tucker_bases[group.name], layer.active_ranks(group.name))
+                    for b, w in zip(layer.tucker_bases[group.name], widths[id(layer)])
                     if b.grad is not None
                 ]
                 copies = iter(torch._foreach_mul(active, 1.0) if active else [])
