@@ -89,13 +89,19 @@ class LayerBatch:
         _write([b[mode].data for b in self.bases], basis)
 
 
-def leading_widths(layers: Sequence[tuple[str, Any]], name: str) -> dict[int, list[int]]:
-    """Per layer (by `id`), the widths an event reads of its bases: per mode the largest rank of its shape batch."""
-    out = {}
-    for batch in shape_batches(layers, name):
-        widths = _widest(batch.ranks())
-        out.update((id(layer), widths) for layer in batch.layers)
-    return out
+def kept_gradients(batch: LayerBatch) -> list[list[torch.Tensor | None]]:
+    """Copies of the basis gradients `[layer][mode]` in the leading columns an augmentation of `batch` reads (per mode
+    the largest rank of the batch): per mode one stack, narrowed and copied, whatever the number of layers."""
+    kept: list[list[torch.Tensor | None]] = [[] for _ in batch.layers]
+    for mode, width in enumerate(_widest(batch.ranks())):
+        grads = [b[mode].grad for b in batch.bases]
+        if all(g is not None for g in grads):
+            copies = torch.stack(grads)[..., :width].clone().unbind(0)
+        else:  # some basis had no gradient: one copy per layer
+            copies = [None if g is None else g[:, :width].clone() for g in grads]
+        for layer, copy in zip(kept, copies):
+            layer.append(copy)
+    return kept
 
 
 def shape_batches(layers: Sequence[tuple[str, Any]], name: str) -> list[LayerBatch]:

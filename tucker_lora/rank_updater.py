@@ -242,21 +242,11 @@ class TuckerRankUpdater:
             bases = [b for _, layer in group.layers for b in layer.tucker_bases[group.name]]
             grads = [b.grad for b in bases if b.grad is not None]
             if keep:
-                # only the columns the batched augmentation reads (`dL/dU[:, :r]`, up to the largest rank of the
-                # layer's shape batch); copied in one multi-tensor call, so that the optimizer step below cannot
-                # change them and the full gradients are not kept
-                widths = batched_cycle.leading_widths(group.layers, group.name)
-                active = [
-                    b.grad[:, :w]
-                    for _, layer in group.layers
-                    for b, w in zip(layer.tucker_bases[group.name], widths[id(layer)])
-                    if b.grad is not None
-                ]
-                copies = iter(torch._foreach_mul(active, 1.0) if active else [])
-                for _, layer in group.layers:
-                    self._basis_grads[id(layer)] = [
-                        None if b.grad is None else next(copies) for b in layer.tucker_bases[group.name]
-                    ]
+                # copies (the optimizer step below must not see them change), and only of the columns the batched
+                # augmentation reads, `dL/dU[:, :r]` up to the largest rank of the layer's shape batch
+                for batch in batched_cycle.shape_batches(group.layers, group.name):
+                    for layer, kept in zip(batch.layers, batched_cycle.kept_gradients(batch)):
+                        self._basis_grads[id(layer)] = kept
             if not group.config.train_bases:
                 for basis in bases:
                     basis.grad = None
