@@ -12,7 +12,7 @@ from peft import get_peft_model
 from torch import nn
 
 from tests.tolerances import ORTHONORMALITY_TOL, TOLERANCES
-from tucker_lora import TuckerAdapterConfig, TuckerLayer, batched_cycle, rank_ops
+from tucker_lora import TuckerAdapterConfig, TuckerLayer, batched_cycle, optimizer_state, rank_ops
 from tucker_lora.rank_updater import TuckerRankUpdater
 
 
@@ -302,3 +302,129 @@ def test_batched_cycle_keeps_bases_orthonormal_over_many_cycles(cycles):
         seen.add(tuple(map(tuple, ranks)))
     assert worst < ORTHONORMALITY_TOL
     assert len(seen) >= 3  # ranks moved: the test exercised growth and truncation
+
+
+def test_augmentation_reads_only_the_leading_gradient_columns():
+    """The updater keeps only `dL/dU[:, :r]` for augmentation: the batched augmentation gives the same bases, bit for
+    bit, from those leading columns as from the gradients at capacity, and the reference too."""
+    model = mixed_model()
+    randomize(model)
+    narrow_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(7)
+    grads = [
+        [torch.randn(b.shape, generator=generator, dtype=torch.float64) for b in layer.tucker_bases["default"]]
+        for layer in tucker_layers(model)
+    ]
+    # each layer's own rank (the stacks then differ in width), as the reference reads them
+    narrow = [[g[:, :r].clone() for g, r in zip(gs, layer.active_ranks("default"))]
+              for gs, layer in zip(grads, tucker_layers(model))]  # fmt: skip
+    for target, layer_grads in ((model, grads), (narrow_model, narrow)):
+        layers = tucker_layers(target)
+        for batch in batches_of(target):
+            widths = batched_cycle.augment(batch, [layer_grads[layers.index(m)] for m in batch.layers])
+            batched_cycle.set_ranks(batch, widths)
+    for index, (full, cut, ref) in enumerate(zip(*map(tucker_layers, (model, narrow_model, reference)))):
+        assert full.active_ranks("default") == cut.active_ranks("default")
+        for a, b in zip(full.tucker_bases["default"], cut.tucker_bases["default"]):
+            assert torch.equal(a, b)
+        ranks = ref.active_ranks("default")
+        widths = rank_ops.augment(
+            ref.tucker_core["default"].data, [b.data for b in ref.tucker_bases["default"]], ranks, narrow[index]
+        )
+        assert widths == cut.active_ranks("default")
+
+
+def test_before_step_keeps_only_the_gradient_columns_the_augmentation_reads():
+    model = mixed_model(augment_start_step=1, core_steps=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    updater = TuckerRankUpdater(model, optimizer)
+    x, image = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    model(x, image).square().mean().backward()
+    updater.before_step()  # step 1 ends with an augmentation
+    for batch in batches_of(model):
+        widest = [max(r[mode] for r in batch.ranks()) for mode in range(batch.n_modes)]
+        for layer in batch.layers:
+            kept = updater._basis_grads[id(layer)]
+            for grad, basis, w, cap in zip(kept, layer.tucker_bases["default"], widest, layer.capacities("default")):
+                assert w == min(3, cap)  # every layer starts at r=3: the gradients at capacity (8) are not kept
+                assert grad.shape == (basis.shape[0], w)
+                assert torch.equal(grad, basis.grad[:, :w])
+
+
+def _stepped_optimizer(model, steps: int = 3) -> torch.optim.Optimizer:
+    """AdamW with non-zero moments in every entry of cores and bases, also outside the active blocks (stale values
+    that the batched state updates must zero, as the per-layer ones do)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        optimizer.step()
+    return optimizer
+
+
+def _moment_tensors(model, optimizer) -> list[torch.Tensor]:
+    out = []
+    for layer in tucker_layers(model):
+        for param in (layer.tucker_core["default"], *layer.tucker_bases["default"]):
+            out += [optimizer.state[param][key] for key in ("exp_avg", "exp_avg_sq")]
+    return out
+
+
+@pytest.mark.parametrize("conv_modes", ["channels", "all"])
+def test_batched_optimizer_state_follows_the_cycle_as_the_per_layer_functions(conv_modes):
+    """Augmentation then truncation on the active leading blocks only: the moments of cores and bases equal those of
+    the per-layer functions (`optimizer_state`, fed the same rotations), and are zero outside the new blocks."""
+    models = [mixed_model(conv_modes) for _ in range(2)]  # batched, per-layer: same weights, same optimizer state
+    optimizers = [_stepped_optimizer(model) for model in models]
+    for model in models:
+        randomize(model)  # the weights as the cycle expects them (zero outside the blocks); the moments stay stale
+    layers, ref_layers = (tucker_layers(model) for model in models)
+    generator = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(b.shape, generator=generator, dtype=torch.float64) for b in layer.tucker_bases["default"]]
+             for layer in layers]  # fmt: skip
+    for batch in batches_of(models[0]):
+        ranks = batch.ranks()
+        widths = batched_cycle.augment(batch, [grads[layers.index(m)] for m in batch.layers])
+        batched_cycle.state_after_augment(optimizers[0], batch, ranks, train_bases=True)
+        batched_cycle.set_ranks(batch, widths)
+        for layer, r in zip(batch.layers, ranks):
+            ref = ref_layers[layers.index(layer)]
+            optimizer_state.state_after_augment(optimizers[1], ref.tucker_core["default"], r)
+            for basis, rank in zip(ref.tucker_bases["default"], r):
+                optimizer_state.basis_state_after_augment(optimizers[1], basis, rank)
+    for a, b in zip(*(_moment_tensors(m, o) for m, o in zip(models, optimizers))):
+        assert torch.equal(a, b)
+    cut = False
+    for batch in batches_of(models[0]):
+        spectra = batched_cycle.truncation_spectra(batch)
+        sizes = [b.shape[0] for b in batch.bases[0]]
+        r_max = [4 if i < 2 else n for i, n in enumerate(sizes)]
+        ranks = batched_cycle.ranks_for_tolerance(spectra, 0.2, 1, r_max)
+        cut |= ranks != spectra.widths
+        rotations = batched_cycle.apply_truncation(batch, spectra, ranks)
+        assert batched_cycle.state_after_truncate(optimizers[0], batch, rotations, train_bases=True)
+        batched_cycle.set_ranks(batch, ranks)
+        per_layer = batched_cycle.per_layer_rotations(rotations, spectra.widths, ranks)
+        for layer, widths, layer_rotations in zip(batch.layers, spectra.widths, per_layer):
+            ref = ref_layers[layers.index(layer)]
+            optimizer_state.state_after_truncate(optimizers[1], ref.tucker_core["default"], widths, layer_rotations)
+            for basis, width, rotation in zip(ref.tucker_bases["default"], widths, layer_rotations):
+                optimizer_state.basis_state_after_truncate(optimizers[1], basis, width, rotation)
+    assert cut  # the truncation rotated and cut: the comparison covered real work
+    for a, b in zip(*(_moment_tensors(m, o) for m, o in zip(models, optimizers))):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
+    for layer in layers:
+        ranks = layer.active_ranks("default")
+        for key in ("exp_avg", "exp_avg_sq"):
+            core_state = optimizers[0].state[layer.tucker_core["default"]][key]
+            assert not core_state[~_block(core_state.shape, ranks)].any()
+            for basis, r in zip(layer.tucker_bases["default"], ranks):
+                assert not optimizers[0].state[basis][key][:, r:].any()
+
+
+def _block(shape, ranks) -> torch.Tensor:
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[tuple(slice(0, r) for r in ranks)] = True
+    return mask

@@ -78,6 +78,19 @@ def test_a_nonfinite_core_at_a_cycle_event_raises_naming_the_layers():
     assert all(torch.isfinite(b).all() for layer in layers(model) for b in layer.tucker_bases["default"])
 
 
+def test_huge_finite_values_are_finite_for_the_checks():
+    """The checks' Euclidean norms overflow for huge finite values; those tensors are decided by their largest
+    magnitude, so only NaN and inf count as non-finite."""
+    from tucker_lora.cycle_checks import _finite_flags
+
+    huge = torch.full((4, 4), 1e30)  # ||huge||_2 overflows float32, |huge|_max does not
+    assert torch.isinf(torch.linalg.vector_norm(huge))
+    nan, inf = torch.ones(3), torch.ones(3)
+    nan[1], inf[2] = float("nan"), -float("inf")
+    flags = _finite_flags([huge, None, nan, torch.ones(2), inf, huge.double()])
+    assert flags == [True, True, False, True, False, True]
+
+
 def test_an_fp16_base_trains_a_float32_adapter_with_adamw():
     torch.manual_seed(0)
     base = Regressor().half()

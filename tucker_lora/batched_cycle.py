@@ -2,8 +2,10 @@
 
 `rank_ops` holds the per-layer reference; this module computes the same maths for a batch of same-shape layers (same
 core and basis shapes, dtypes and device), so that the number of operator calls and host-device transfers of a
-cycle event does not grow with the number of layers. Layers of one batch may have different active ranks: every
-tensor is kept at capacity, the active blocks padded with exact zeros (the storage contract of `docs/design.md`), and
+cycle event does not grow with the number of layers. Layers of one batch may have different active ranks. Every
+event works on the leading columns that some layer of the batch uses (per mode the largest active width, not the
+capacity: the storage contract of `docs/design.md` keeps everything beyond a layer's own width at zero), so its cost
+and its stacked copies follow the active ranks; the smaller widths of other layers are padded with exact zeros, and
 per-layer ranks enter as masks:
 
 * a Gram matrix of zero-padded columns is block diagonal, `[[A, 0], [0, 0]]`. Its padded diagonal is set to a value
@@ -12,6 +14,8 @@ per-layer ranks enter as masks:
   their eigenvectors are the padded coordinates);
 * per-layer counts (new directions, kept ranks) become column masks, and moving columns to other positions is a
   product with a 0/1 matrix (exact in floating point).
+
+Writing back, every column (and core entry) past the leading block written is set to zero.
 
 As in `rank_ops`, tall matrices (bases, gradients) stay on their device and every decomposition runs on the CPU in
 float64, on the stacked small matrices: a few transfers per event and batch, whatever the number of layers. Where a
@@ -33,6 +37,21 @@ from .rank_ops import Spectra, _compute_dtype, check_bounds
 _CPU = torch.device("cpu")
 
 
+def _leading(widths: Sequence[int]) -> tuple[slice, ...]:
+    """The index of the leading block `[:w_0, :w_1, ...]` of stacked tensors (the layer axis whole)."""
+    return (slice(None),) + tuple(slice(0, int(w)) for w in widths)
+
+
+def _write(targets: list[torch.Tensor], values: torch.Tensor) -> None:
+    """`targets[l] = values[l]`, `values` `(L, ...)` a leading block of the targets' shape, padded with zeros: one
+    conversion, one pad and one multi-tensor copy for the whole batch."""
+    values = values.to(device=targets[0].device, dtype=targets[0].dtype)
+    spec = []
+    for size, target in zip(reversed(values.shape[1:]), reversed(targets[0].shape)):
+        spec += [0, target - size]
+    torch._foreach_copy_(targets, list(torch.nn.functional.pad(values, spec).unbind(0)))
+
+
 class LayerBatch:
     """Same-shape layers of one adapter: their cores, bases and active ranks."""
 
@@ -49,23 +68,40 @@ class LayerBatch:
     def ranks(self) -> list[list[int]]:
         return [layer.active_ranks(self.name) for layer in self.layers]
 
-    def stacked_core(self) -> torch.Tensor:
-        """The cores, `(L, cap_0, cap_1, ...)`, float64 on the CPU: one transfer."""
-        return torch.stack([c.data for c in self.cores]).to(device=_CPU, dtype=torch.float64)
+    def stacked_core(self, widths: Sequence[int]) -> torch.Tensor:
+        """The cores' leading blocks `[:widths[0], :widths[1], ...]` (trailing modes whole), `(L, w_0, w_1, ...)`,
+        float64 on the CPU: one transfer."""
+        return torch.stack([c.data for c in self.cores])[_leading(widths)].to(device=_CPU, dtype=torch.float64)
 
-    def stacked_basis(self, mode: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.stack([b[mode].data for b in self.bases]).to(dtype)
+    def stacked_basis(self, mode: int, dtype: torch.dtype, width: int) -> torch.Tensor:
+        """The leading `width` columns of the bases of `mode`, `(L, n, width)` in `dtype`."""
+        return torch.stack([b[mode].data for b in self.bases])[..., :width].to(dtype)
 
     def basis_dtype(self, mode: int) -> torch.dtype:
         return _compute_dtype(self.bases[0][mode])
 
     def write_core(self, core: torch.Tensor) -> None:
-        target = [c.data for c in self.cores]
-        torch._foreach_copy_(target, list(core.to(device=self.device, dtype=target[0].dtype).unbind(0)))
+        """Writes `core` `(L, w_0, w_1, ...)` into the leading blocks of the cores, zeros the rest."""
+        _write([c.data for c in self.cores], core)
 
     def write_basis(self, mode: int, basis: torch.Tensor) -> None:
-        target = [b[mode].data for b in self.bases]
-        torch._foreach_copy_(target, list(basis.to(target[0].dtype).unbind(0)))
+        """Writes `basis` `(L, n, w)` into the leading `w` columns of the bases of `mode`, zeros the others."""
+        _write([b[mode].data for b in self.bases], basis)
+
+
+def kept_gradients(batch: LayerBatch) -> list[list[torch.Tensor | None]]:
+    """Copies of the basis gradients `[layer][mode]` in the leading columns an augmentation of `batch` reads (per mode
+    the largest rank of the batch): per mode one stack, narrowed and copied, whatever the number of layers."""
+    kept: list[list[torch.Tensor | None]] = [[] for _ in batch.layers]
+    for mode, width in enumerate(_widest(batch.ranks())):
+        grads = [b[mode].grad for b in batch.bases]
+        if all(g is not None for g in grads):
+            copies = torch.stack(grads)[..., :width].clone().unbind(0)
+        else:  # some basis had no gradient: one copy per layer
+            copies = [None if g is None else g[:, :width].clone() for g in grads]
+        for layer, copy in zip(kept, copies):
+            layer.append(copy)
+    return kept
 
 
 def shape_batches(layers: Sequence[tuple[str, Any]], name: str) -> list[LayerBatch]:
@@ -101,6 +137,11 @@ def _mode_product(x: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.Ten
     return (matrix @ moved.reshape(x.shape[0], x.shape[mode + 1], -1)).reshape(shape).movedim(1, mode + 1)
 
 
+def _widest(ranks: Sequence[Sequence[int]]) -> list[int]:
+    """Per mode the largest of the layers' ranks: the leading columns an event has to touch."""
+    return [max(column) for column in zip(*ranks)]
+
+
 def _column_mask(counts: Sequence[int], size: int, device: torch.device = _CPU) -> torch.Tensor:
     """`(L, size)` bool, true in the first `counts[l]` columns."""
     return torch.arange(size, device=device) < torch.tensor(list(counts), device=device)[:, None]
@@ -118,8 +159,8 @@ def _block_mask(ranks: Sequence[Sequence[int]], shape: Sequence[int], device: to
 
 
 def _orthonormalize(u: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Batched Cholesky-QR of the active columns of `u` `(L, n, cap)` (the others zero): `q` with orthonormal active
-    columns and zero others, and `tri` `(L, cap, cap)` (CPU float64, the identity on the inactive diagonal) with
+    """Batched Cholesky-QR of the active columns of `u` `(L, n, w)` (the others zero): `q` with orthonormal active
+    columns and zero others, and `tri` `(L, w, w)` (CPU float64, the identity on the inactive diagonal) with
     `u = q @ tri`. None when a Gram matrix is not numerically positive definite."""
     gram = (u.mT @ u).to(device=_CPU, dtype=torch.float64)
     gram = gram + torch.diag_embed((~active).to(gram.dtype))
@@ -148,11 +189,12 @@ def _eigh_descending(gram: torch.Tensor, active: torch.Tensor) -> tuple[torch.Te
 def retract(batch: LayerBatch) -> bool:
     """`rank_ops.retract` for every layer of `batch`; False (nothing written) when the reference must do it."""
     ranks = batch.ranks()
-    core = batch.stacked_core()
+    widths = _widest(ranks)
+    core = batch.stacked_core(widths)
     new_bases = []
-    for mode in range(batch.n_modes):
-        u = batch.stacked_basis(mode, batch.basis_dtype(mode))
-        active = _column_mask([r[mode] for r in ranks], u.shape[-1])
+    for mode, width in enumerate(widths):
+        u = batch.stacked_basis(mode, batch.basis_dtype(mode), width)
+        active = _column_mask([r[mode] for r in ranks], width)
         result = _orthonormalize(u, active.to(u.device))
         if result is None:
             return False
@@ -168,6 +210,18 @@ def retract(batch: LayerBatch) -> bool:
 # ---- augmentation -----------------------------------------------------------------------------------------------
 
 
+def _stacked_grads(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    """The leading columns of the gradients (each `(n, >= their layer's rank)`, or None: zero), as `like` `(L, n, w)`
+    in its dtype, zero-padded where a gradient is narrower."""
+    width = like.shape[-1]
+    if all(g is not None for g in grads) and len({g.shape for g in grads}) == 1 and grads[0].shape[1] >= width:
+        return torch.stack(list(grads))[..., :width].to(like.dtype)
+    out = torch.zeros_like(like)  # missing gradients or different widths (not from the updater): one copy per layer
+    pairs = [(out[layer, :, : min(width, g.shape[1])], g[:, :width]) for layer, g in enumerate(grads) if g is not None]
+    torch._foreach_copy_(*map(list, zip(*pairs)))
+    return out
+
+
 @torch.no_grad()
 def augment(
     batch: LayerBatch,
@@ -176,17 +230,17 @@ def augment(
     rel_cut: float = 1e-3,
     zero_tol: float | None = None,
 ) -> list[list[int]] | None:
-    """`rank_ops.augment` for every layer of `batch` (`basis_grads[l][mode]`); returns the widths per layer, or None
-    (nothing written) when the reference must do it."""
+    """`rank_ops.augment` for every layer of `batch` (`basis_grads[l][mode]`: `dL/dU`, at capacity or only its
+    leading columns, at least the layer's rank); returns the widths per layer, or None (nothing written) when the
+    reference must do it."""
     ranks = batch.ranks()
     n_layers = len(batch)
     new_bases = []
     widths = [list(r) for r in ranks]
     for mode in range(batch.n_modes):
-        dtype = batch.basis_dtype(mode)
-        u = batch.stacked_basis(mode, dtype)
-        n, cap = u.shape[1:]
+        n, cap = batch.bases[0][mode].shape
         rank = [r[mode] for r in ranks]
+        width = max(rank)
         n_new = [min(r, cap - r, n - r) for r in rank]
         grads = [g[mode] for g in basis_grads]
         present = [g is not None for g in grads]
@@ -194,22 +248,21 @@ def augment(
             new_bases.append(None)
             continue
         grad_dtype = next(g.dtype for g in grads if g is not None)
-        zero = grads[present.index(True)].new_zeros(())
-        g = torch.stack([zero.expand(n, cap) if x is None else x for x in grads]).to(dtype)
-        active = _column_mask(rank, cap, u.device)
-        g = g * active[:, None, :]
+        u = batch.stacked_basis(mode, batch.basis_dtype(mode), width)
+        active = _column_mask(rank, width, u.device)
+        g = _stacked_grads(grads, u) * active[:, None, :]
         projected = g - u @ (u.mT @ g)
         projected = projected - u @ (u.mT @ projected)
         # one transfer: the Gram matrices of the projected gradients and the gradients' norms
         small = torch.cat(
             [(projected.mT @ projected).reshape(n_layers, -1), torch.linalg.vector_norm(g, dim=(1, 2))[:, None]], 1
         )
+        del g
         small = small.to(device=_CPU, dtype=torch.float64)
-        gram, g_norm = small[:, :-1].reshape(n_layers, cap, cap), small[:, -1]
+        gram, g_norm = small[:, :-1].reshape(n_layers, width, width), small[:, -1]
         finite = torch.isfinite(small).all(-1)
         gram = torch.where(finite[:, None, None], gram, torch.zeros_like(gram))
-        active_cpu = _column_mask(rank, cap)
-        sigma, right = _eigh_descending(gram, active_cpu)
+        sigma, right = _eigh_descending(gram, _column_mask(rank, width))
         if zero_tol is None:
             eps = (
                 max(torch.finfo(grad_dtype).eps, torch.finfo(torch.float32).eps)
@@ -224,20 +277,22 @@ def augment(
         if max(k_list) == 0:
             new_bases.append(None)
             continue
-        keep = _column_mask(k_list, cap)
+        keep = _column_mask(k_list, width)
         coef = right * torch.where(keep, 1.0 / torch.where(keep, sigma, 1.0), 0.0)[:, None, :]
         new = projected @ coef.to(projected)  # the leading left singular vectors, in columns [:k]
+        del projected
         new = new - u @ (u.mT @ new)
         result = _orthonormalize(new, keep.to(new.device))
         if result is None:
             return None
         new, _ = result
         # columns [:k] move to [r : r + k]: a 0/1 matrix, exact
-        shift = torch.zeros(n_layers, cap, cap, dtype=torch.float64)
+        grown = max(r + kk for r, kk in zip(rank, k_list))
+        shift = torch.zeros(n_layers, width, grown, dtype=torch.float64)
         for layer, (r, kk) in enumerate(zip(rank, k_list)):
             if kk:
                 shift[layer, torch.arange(kk), torch.arange(r, r + kk)] = 1.0
-        new_bases.append(u + new @ shift.to(new))
+        new_bases.append(torch.nn.functional.pad(u, (0, grown - width)) + new @ shift.to(new))
         for layer, kk in enumerate(k_list):
             widths[layer][mode] = rank[layer] + kk
     for mode, basis in enumerate(new_bases):
@@ -269,9 +324,10 @@ def state_after_augment(optimizer: Any, batch: LayerBatch, ranks: list[list[int]
 
 
 class BatchSpectra:
-    """Phase 1 of a truncation for a batch: the stacked active cores (CPU float64, zero outside the blocks), per mode
-    the singular values `(L, cap)` (descending, zero-padded) and left singular vectors `(L, cap, cap)`, the cores'
-    norms `(L,)` and the widths."""
+    """Phase 1 of a truncation for a batch: the stacked leading blocks of the cores `(L, w_0, w_1, ...)` (CPU
+    float64, zero outside each layer's active block; `w_i` the largest width of mode i), per mode the singular values
+    `(L, w_i)` (descending, zero-padded) and left singular vectors `(L, w_i, w_i)`, the cores' norms `(L,)` and the
+    widths of every layer."""
 
     def __init__(self, core, sigmas, rotations, norms, widths) -> None:
         self.core, self.sigmas, self.rotations, self.norms, self.widths = core, sigmas, rotations, norms, widths
@@ -290,7 +346,7 @@ def truncation_spectra(batch: LayerBatch) -> BatchSpectra:
     """Phase 1 (`rank_ops.truncation_spectra` for every layer of `batch`): one transfer of the stacked cores, one
     batched `eigh` per mode."""
     widths = batch.ranks()
-    core = batch.stacked_core()
+    core = batch.stacked_core(_widest(widths))
     sigmas, rotations = [], []
     for mode in range(batch.n_modes):
         mat = _unfold(core, mode)
@@ -324,8 +380,9 @@ def ranks_for_tolerance(
 @torch.no_grad()
 def apply_truncation(batch: LayerBatch, spectra: BatchSpectra, ranks: list[list[int]]) -> list[torch.Tensor] | None:
     """Phase 3 (`rank_ops.apply_truncation` for every layer of `batch`): keeps the leading `ranks[l][i]` directions
-    of every mode. Returns per mode the zero-padded rotations `(L, cap, cap)` (CPU float64; `P_i[:w, :r]` in the
-    leading block) that the optimizer state must follow, or None (nothing written) when the reference must do it."""
+    of every mode. Returns per mode the zero-padded rotations `(L, w_i, k_i)` (CPU float64; `P_i[:w, :r]` of each
+    layer in its leading block; `w_i` the largest width, `k_i` the largest kept rank of mode i) that the optimizer
+    state must follow, or None (nothing written) when the reference must do it."""
     for layer, (width, rank) in enumerate(zip(spectra.widths, ranks)):
         for mode, (w, r) in enumerate(zip(width, rank)):
             if not 0 <= r <= w:
@@ -333,11 +390,13 @@ def apply_truncation(batch: LayerBatch, spectra: BatchSpectra, ranks: list[list[
     core = spectra.core
     new_bases, rotations = [], []
     for mode in range(batch.n_modes):
-        cap = spectra.rotations[mode].shape[-1]
-        kept = _column_mask([r[mode] for r in ranks], cap)
-        rotation = spectra.rotations[mode] * kept[:, None, :]
-        u = batch.stacked_basis(mode, batch.basis_dtype(mode))
-        result = _orthonormalize(u @ rotation.to(u), kept.to(u.device))
+        width = spectra.rotations[mode].shape[-1]
+        kept = [r[mode] for r in ranks]
+        widest = max(kept)
+        rotation = spectra.rotations[mode][:, :, :widest] * _column_mask(kept, widest)[:, None, :]
+        u = batch.stacked_basis(mode, batch.basis_dtype(mode), width)
+        result = _orthonormalize(u @ rotation.to(u), _column_mask(kept, widest, u.device))
+        del u
         if result is None:
             return None
         q, tri = result
@@ -361,10 +420,12 @@ def per_layer_rotations(rotations: list[torch.Tensor], widths: list[list[int]], 
 def state_after_truncate(optimizer: Any, batch: LayerBatch, rotations: list[torch.Tensor], train_bases: bool) -> bool:
     """`optimizer_state.state_after_truncate` (and the bases' counterpart with `train_bases`) for the whole batch:
     first moments `m <- m x_i P_i^T`, second moments `v <- v x_i (P_i * P_i)^T` clamped at 0, with the padded
-    rotations (which also zero everything outside the new blocks). False when the moments of the layers differ in
-    structure (the caller then uses the per-layer functions)."""
+    rotations `(L, w_i, k_i)` of `apply_truncation`, on the leading blocks (everything outside the new blocks is
+    zeroed). False when the moments of the layers differ in structure (the caller then uses the per-layer
+    functions)."""
     device = batch.device
     padded = [p.to(device) for p in rotations]
+    widths = [p.shape[1] for p in padded]
     params = [batch.cores] + ([[b[m] for b in batch.bases] for m in range(batch.n_modes)] if train_bases else [])
     plans = []
     for tensors in params:
@@ -376,16 +437,16 @@ def state_after_truncate(optimizer: Any, batch: LayerBatch, rotations: list[torc
         for kind in (0, 1):
             for index in range(len(moments[0][kind])):
                 targets = [m[kind][index] for m in moments]
-                x = torch.stack(targets).to(torch.float64)
                 if slot == 0:
+                    x = torch.stack(targets)[_leading(widths)].to(torch.float64)
                     for mode, p in enumerate(padded):
                         x = _mode_product(x, (p * p if kind else p).mT, mode)
                 else:
                     p = padded[slot - 1]
+                    x = torch.stack(targets)[..., : p.shape[1]].to(torch.float64)
                     x = x @ (p * p if kind else p)
-                if kind:
-                    x = x.clamp_min(0)
-                torch._foreach_copy_(targets, list(x.to(targets[0].dtype).unbind(0)))
+                _write(targets, x.clamp_min(0) if kind else x)
+                del x
     return True
 
 

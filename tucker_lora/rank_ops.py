@@ -152,8 +152,8 @@ def augment(
             block.
         bases (`Sequence[torch.Tensor]`): one basis per adaptive mode, `(n_i, cap_i)`, modified in place.
         ranks (`Sequence[int]`): the active ranks `r_i`.
-        basis_grads (`Sequence[torch.Tensor | None]`): `dL/dU_i` at capacity `(n_i, cap_i)` (or `None`), accumulated
-            over one optimizer step.
+        basis_grads (`Sequence[torch.Tensor | None]`): `dL/dU_i` at capacity `(n_i, cap_i)`, or its leading `r_i`
+            columns or more (or `None`), accumulated over one optimizer step.
         rel_cut (`float`): relative singular-value cut for the new directions.
         zero_tol (`float`, *optional*): the projected gradient counts as zero when its largest singular value is at
             most `zero_tol * ||dL/dU_i||_F`. Defaults to `100 * eps` of the gradient's dtype (at least float32's).

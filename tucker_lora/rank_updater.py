@@ -242,12 +242,11 @@ class TuckerRankUpdater:
             bases = [b for _, layer in group.layers for b in layer.tucker_bases[group.name]]
             grads = [b.grad for b in bases if b.grad is not None]
             if keep:
-                # copied (one multi-tensor call): the optimizer step below must not see the same tensor change
-                copies = iter(torch._foreach_mul(grads, 1.0) if grads else [])
-                for _, layer in group.layers:
-                    self._basis_grads[id(layer)] = [
-                        None if b.grad is None else next(copies) for b in layer.tucker_bases[group.name]
-                    ]
+                # copies (the optimizer step below must not see them change), and only of the columns the batched
+                # augmentation reads, `dL/dU[:, :r]` up to the largest rank of the layer's shape batch
+                for batch in batched_cycle.shape_batches(group.layers, group.name):
+                    for layer, kept in zip(batch.layers, batched_cycle.kept_gradients(batch)):
+                        self._basis_grads[id(layer)] = kept
             if not group.config.train_bases:
                 for basis in bases:
                     basis.grad = None
