@@ -25,8 +25,10 @@ def tol(dtype: torch.dtype) -> dict:
 
 
 # rounding errors of a float sum of n terms grow like eps * sqrt(n) (random-walk model, as observed); the factor
-# covers unlucky summation orders, which depend on the thread count (OpenMP splits reductions differently)
-REDUCTION_SAFETY = 8.0
+# covers unlucky summation orders, which depend on the thread count (OpenMP splits reductions differently) and on
+# the CPU's kernels: at 8 the float32 UNet's rounding, one thread, used 0.253 of the tolerance on one machine, more
+# than the quarter `test_export_tolerance_covers_the_float32_rounding_of_the_network` allows
+REDUCTION_SAFETY = 10.0
 
 
 def reduction_tol(dtype: torch.dtype, reduction_size: int, scale: float = 1.0) -> dict:
