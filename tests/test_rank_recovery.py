@@ -56,13 +56,14 @@ def fit(
     core_steps: int = 10,
     seed: int = 0,
     train_bases: bool = False,
+    absorb_core: bool = False,
 ):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     target = target_update(kind, gen)
     config = TuckerAdapterConfig(
         r=r_init, alpha=r_init, r_max=12, tau=0.02, target_modules=["layer"], core_steps=core_steps,
-        augment_start_step=10, train_bases=train_bases,
+        augment_start_step=10, train_bases=train_bases, absorb_core=absorb_core,
     )  # fmt: skip
     model = get_peft_model(Single(kind), config)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -112,3 +113,11 @@ def test_rank_recovery_with_one_core_step():
     ranks, error = fit("linear", "sgd", r_init=2, core_steps=1)
     assert ranks == [TARGET_RANK, TARGET_RANK]
     assert error < 1e-4
+
+
+@pytest.mark.parametrize("r_init", [2, 10], ids=["grow", "shrink"])
+def test_rank_recovery_with_the_core_folded(r_init):
+    """`absorb_core`: K = U C and V stepped between events, the core fixed at I; the events still find rank 5."""
+    ranks, error = fit("linear", "adamw", r_init, train_bases=True, absorb_core=True)
+    assert ranks == [TARGET_RANK, TARGET_RANK]
+    assert error < 1e-2

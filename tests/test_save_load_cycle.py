@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback
@@ -72,9 +73,11 @@ class RecordOutputsAtSave(TrainerCallback):
         self.saved[folder] = (outputs(model), tucker_lora.get_ranks(model))
 
 
-def test_every_trainer_checkpoint_loads_with_its_outputs(tmp_path):
-    # core_steps=3 after step 2: checkpoints at every step, several of them mid-cycle, the last one too (step 9)
-    model = tucker_model(r=2, r_max=2, core_steps=3)
+@pytest.mark.parametrize("absorb_core", [False, True])
+def test_every_trainer_checkpoint_loads_with_its_outputs(tmp_path, absorb_core):
+    # core_steps=3 after step 2: checkpoints at every step, several of them mid-cycle, the last one too (step 9);
+    # with absorb_core the linear adapter is saved folded (K = U C, core I) at every step
+    model = tucker_model(r=2, r_max=2, core_steps=3, absorb_core=absorb_core)
     recorder = RecordOutputsAtSave()
     args = training_args(str(tmp_path), max_steps=9, save_strategy="steps", save_steps=1)
     Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[TuckerRankCallback(), recorder]).train()

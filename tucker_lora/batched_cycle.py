@@ -417,12 +417,19 @@ def per_layer_rotations(rotations: list[torch.Tensor], widths: list[list[int]], 
 
 
 @torch.no_grad()
-def state_after_truncate(optimizer: Any, batch: LayerBatch, rotations: list[torch.Tensor], train_bases: bool) -> bool:
+def state_after_truncate(
+    optimizer: Any,
+    batch: LayerBatch,
+    rotations: list[torch.Tensor],
+    train_bases: bool,
+    basis_modes: Sequence[int] | None = None,
+) -> bool:
     """`optimizer_state.state_after_truncate` (and the bases' counterpart with `train_bases`) for the whole batch:
     first moments `m <- m x_i P_i^T`, second moments `v <- v x_i (P_i * P_i)^T` clamped at 0, with the padded
     rotations `(L, w_i, k_i)` of `apply_truncation`, on the leading blocks (everything outside the new blocks is
-    zeroed). False when the moments of the layers differ in structure (the caller then uses the per-layer
-    functions)."""
+    zeroed). `basis_modes[i]`: the mode whose rotation the state of basis `i` follows (default its own; a folded
+    output basis `K = U C` follows the in-mode's, `absorbed_core`). False when the moments of the layers differ in
+    structure (the caller then uses the per-layer functions)."""
     device = batch.device
     padded = [p.to(device) for p in rotations]
     widths = [p.shape[1] for p in padded]
@@ -442,7 +449,7 @@ def state_after_truncate(optimizer: Any, batch: LayerBatch, rotations: list[torc
                     for mode, p in enumerate(padded):
                         x = _mode_product(x, (p * p if kind else p).mT, mode)
                 else:
-                    p = padded[slot - 1]
+                    p = padded[slot - 1 if basis_modes is None else basis_modes[slot - 1]]
                     x = torch.stack(targets)[..., : p.shape[1]].to(torch.float64)
                     x = x @ (p * p if kind else p)
                 _write(targets, x.clamp_min(0) if kind else x)

@@ -75,6 +75,11 @@ class TuckerAdapterConfig(PeftConfig):
         train_bases (`bool`): `True` lets the optimizer step the active basis columns on every step, as LoRA's A and
             B, and makes them orthonormal again (QR, the triangular factor absorbed into the core) before every
             augmentation and truncation; `False` changes the bases only by augmentation and truncation.
+        absorb_core (`bool`): with `train_bases`, keeps every matrix adapter (linear layers) folded between cycle
+            events, `dW = K V^T` with `K = U C` and the core fixed at the identity, so that the optimizer steps `K`
+            and `V` as it steps LoRA's `B` and `A`; each cycle event works on the Tucker form and folds again, and
+            `TuckerRankUpdater.finalize()` leaves the Tucker form with orthonormal bases. Convolutions keep the
+            Tucker form (their core has kernel modes). See `docs/training.md`.
 
     `get_peft_model` (and `add_adapter`) keep their own copy of this config, so that saving, which writes the ranks
     in use into `rank_pattern`, never changes your object: edits to it afterwards do not reach the model; read or
@@ -121,6 +126,9 @@ class TuckerAdapterConfig(PeftConfig):
     train_bases: bool = field(
         default=True, metadata={"help": "The optimizer steps the bases too; re-orthonormalized at cycle events."}
     )
+    absorb_core: bool = field(
+        default=False, metadata={"help": "Matrix adapters stepped as K = U C and V (core fixed at I) between events."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -153,6 +161,13 @@ class TuckerAdapterConfig(PeftConfig):
             raise ValueError(f"`init_weights` must be True or False; got {self.init_weights!r}.")
         if not isinstance(self.train_bases, bool):
             raise ValueError(f"`train_bases` must be True or False; got {self.train_bases!r}.")
+        if not isinstance(self.absorb_core, bool):
+            raise ValueError(f"`absorb_core` must be True or False; got {self.absorb_core!r}.")
+        if self.absorb_core and not self.train_bases:
+            raise ValueError(
+                "`absorb_core=True` needs `train_bases=True`: the folded core is fixed and only the bases learn; got "
+                "`train_bases=False`."
+            )
         _check_int("core_steps", self.core_steps, 1)
         _check_int("augment_start_step", self.augment_start_step, 0)
         freeze = self.freeze_ranks_after

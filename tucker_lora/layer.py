@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ._peft_internals import BufferDict
+from .absorbed_core import fold_tensors, folds
 from .config import TuckerAdapterConfig
 from .tucker_ops import random_orthonormal, tucker_to_tensor
 
@@ -95,6 +96,8 @@ class TuckerLayer(BaseTunerLayer):
         if not config.init_weights:
             block = tuple(slice(0, r) for r in ranks)
             core[block] = torch.randn(core[block].shape) / math.sqrt(max(1, math.prod(ranks)))
+        if folds(config, core):
+            ranks = fold_tensors(core, bases[0].data, list(ranks))
         self.tucker_core[adapter_name] = nn.Parameter(core)
         self.tucker_bases[adapter_name] = nn.ParameterList(bases)
         self.tucker_ranks[adapter_name] = torch.tensor(ranks, dtype=torch.long)

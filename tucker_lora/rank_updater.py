@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import batched_cycle
+from .absorbed_core import fold, folds
 from .budget import BudgetLayer, allocate_ranks, budget_at_step, layer_energies, parameter_count
 from .config import TuckerAdapterConfig
 from .cycle_checks import (
@@ -247,6 +248,11 @@ class TuckerRankUpdater:
                 for batch in batched_cycle.shape_batches(group.layers, group.name):
                     for layer, kept in zip(batch.layers, batched_cycle.kept_gradients(batch)):
                         self._basis_grads[id(layer)] = kept
+            if group.config.absorb_core:
+                for _, layer in group.layers:
+                    core = layer.tucker_core[group.name]
+                    if folds(group.config, core):
+                        core.grad = None  # folded: the core stays the identity, K = U C and V learn
             if not group.config.train_bases:
                 for basis in bases:
                     basis.grad = None
@@ -281,7 +287,7 @@ class TuckerRankUpdater:
             if cores_replaced(self, group):
                 continue  # a checkpoint loaded after the last step (load_best_model_at_end) is kept as saved
             if mid_cycle:
-                self._truncate(group)
+                self._truncate(group, finalizing=True)
             elif group.config.train_bases:
                 self._retract(group)
                 self._sync(group)
@@ -320,14 +326,16 @@ class TuckerRankUpdater:
             if self.optimizer is not None:
                 batched_cycle.state_after_augment(self.optimizer, batch, ranks, group.config.train_bases)
             batched_cycle.set_ranks(batch, widths)
+            self._fold(group, batch)
         self._sync(group)
         group.augmented = True
 
     @torch.no_grad()
-    def _truncate(self, group: _Group) -> None:
+    def _truncate(self, group: _Group, finalizing: bool = False) -> None:
         """HOSVD truncation of every layer in three phases: the spectra of all layers (batched per shape), the new
         ranks of all layers (on the host: the tolerance rule, then the budget over all layers), then the truncation
-        itself (batched per shape)."""
+        itself (batched per shape). `finalizing`: the adapter stays in the Tucker form (`absorb_core` folds it
+        otherwise)."""
         if group.config.train_bases:
             self._retract(group)
         batches = batched_cycle.shape_batches(group.layers, group.name)
@@ -338,6 +346,8 @@ class TuckerRankUpdater:
         for batch, batch_spectra, batch_ranks in zip(batches, spectra, ranks):
             self._apply_truncation(group, batch, batch_spectra, batch_ranks)
             batched_cycle.set_ranks(batch, batch_ranks)
+            if not finalizing:
+                self._fold(group, batch)
         self._sync(group)
         group.augmented = False
         for module, layer in group.layers:
@@ -431,6 +441,8 @@ class TuckerRankUpdater:
         """Phase 3 for one batch, with the optimizer state following; the per-layer reference where a batched
         factorization fails."""
         train_bases = group.config.train_bases
+        # a folded K = U C pairs its columns with the in-mode's: its state follows the in-mode's rotation
+        basis_modes = [1, 1] if folds(group.config, batch.cores[0]) else list(range(batch.n_modes))
         padded = batched_cycle.apply_truncation(batch, spectra, ranks)
         if padded is None:
             rotations = []
@@ -443,14 +455,20 @@ class TuckerRankUpdater:
         if self.optimizer is None:
             return
         if padded is not None:
-            if batched_cycle.state_after_truncate(self.optimizer, batch, padded, train_bases):
+            if batched_cycle.state_after_truncate(self.optimizer, batch, padded, train_bases, basis_modes):
                 return
             rotations = batched_cycle.per_layer_rotations(padded, spectra.widths, ranks)
         for core, bases, widths, layer_rotations in zip(batch.cores, batch.bases, spectra.widths, rotations):
             state_after_truncate(self.optimizer, core, widths, layer_rotations)
             if train_bases:
-                for basis, width, rotation in zip(bases, widths, layer_rotations):
-                    basis_state_after_truncate(self.optimizer, basis, width, rotation)
+                for basis, mode in zip(bases, basis_modes):
+                    basis_state_after_truncate(self.optimizer, basis, widths[mode], layer_rotations[mode])
+
+    def _fold(self, group: _Group, batch: batched_cycle.LayerBatch) -> None:
+        """With `absorb_core`, folds the matrix cores of `batch` into their output bases (`absorbed_core`); the
+        optimizer state of `K` keeps its columns (new ones start at zero, like the bases')."""
+        if folds(group.config, batch.cores[0]):
+            fold(batch)
 
     def _sync(self, group: _Group) -> None:
         if not is_distributed():

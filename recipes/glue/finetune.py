@@ -138,6 +138,9 @@ class AdapterArguments:
     train_bases: bool = field(
         default=True, metadata={"help": "Tucker: the optimizer steps the bases too (re-orthonormalized every cycle)."}
     )
+    absorb_core: bool = field(
+        default=False, metadata={"help": "Tucker: linear adapters stepped as K = U C and V, like LoRA's B and A."}
+    )
     freeze_ranks_after: float | None = field(
         default=None,
         metadata={"help": "Tucker: stop rank updates after this many steps (>= 1) or this fraction (< 1)."},
@@ -334,6 +337,7 @@ def build_adapter(
             freeze_ranks_after=freeze,
             tau_warmup=warmup,
             train_bases=adapter_args.train_bases,
+            absorb_core=adapter_args.absorb_core,
             **(budget if adapter_args.budget_fraction_of_lora is None else {}),
         )
         return config, [tucker_lora.TuckerRankCallback()]

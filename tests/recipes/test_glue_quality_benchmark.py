@@ -30,6 +30,7 @@ def test_presets_load_with_the_head_trained_and_the_long_one_at_scale():
         assert len(preset["seeds"]) >= 3 and preset["methods"] == ["tucker", "lora", "adalora", "tucker_budget70"]
         assert preset["tasks"]["sst2"]["max_train_samples"] < 67349  # a documented SST-2 subset
         assert preset["common"]["modules_to_save"] == ["classifier", "pooler"]  # MRPC learns nothing without it
+        assert preset["tucker"]["absorb_core"] is True  # the main command's form
     for task, options in preset["tasks"].items():  # the full preset: >= 1,500 optimizer steps per run
         rows = min(options.get("max_train_samples", TRAIN_ROWS[task]), TRAIN_ROWS[task])
         steps = -(-rows // preset["common"]["per_device_train_batch_size"]) * options["num_train_epochs"]
@@ -58,6 +59,9 @@ def test_variants_draw_a_method_at_other_settings(tmp_path: Path):
     assert options["method"] == "tucker" and options["tau"] == 0.01 and options["freeze_ranks_after"] == 0.5
     assert "family" not in options and glue_quality.family(preset, "tucker_budget70") == "tucker budget 70%"
     assert glue_quality.run_options(preset, "sst2", "tucker", 0)["alpha"] == 64
+    folded = glue_quality.run_options(preset, "sst2", "tucker_folded", 0)
+    assert folded["absorb_core"] is True and folded["alpha"] == 8 and folded["budget_fraction_of_lora"] == 0.7
+    assert "--absorb_core" in glue_quality.to_argv(folded)
     runs = [fake_run("sst2", "lora", 0, 0.85, 1000), fake_run("sst2", "lora_r2", 0, 0.80, 250),
             fake_run("sst2", "tucker", 0, 0.86, 400)]  # fmt: skip
     summary = glue_quality.aggregate(runs, {"tasks": {"sst2": {}}, "methods": ["lora", "lora_r2", "tucker"],
