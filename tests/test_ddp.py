@@ -16,15 +16,16 @@ SCRIPT = Path(__file__).parent / "ddp" / "train_ddp.py"
 MASTER_PORT = "29581"  # distinct from any other test's
 
 
-@pytest.mark.parametrize("param_budget", [None, 110])
-def test_two_processes_stay_bit_identical(tmp_path, param_budget):
+@pytest.mark.parametrize("option", [None, 110, "absorb_core"], ids=["tau", "param_budget", "absorb_core"])
+def test_two_processes_stay_bit_identical(tmp_path, option):
+    """`option`: none (tau), a `param_budget` of 110, or `absorb_core` (the linear adapter folded between events)."""
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
         "PYTHONPATH": str(Path(__file__).parent.parent),
     }  # fmt: skip
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", MASTER_PORT,
-        str(SCRIPT), str(tmp_path), *([] if param_budget is None else [str(param_budget)]),
+        str(SCRIPT), str(tmp_path), *([] if option is None else [str(option)]),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -38,8 +39,8 @@ def test_two_processes_stay_bit_identical(tmp_path, param_budget):
         assert torch.equal(first[key], second[key]), key
     distinct_ranks = {tuple(step) for step in results[0]["ranks"]}
     assert len(distinct_ranks) >= 3  # ranks changed during the run (augmentations and truncations)
-    if param_budget is not None:
+    if isinstance(option, int):
         # the first truncation ends step 4 (augment_start_step 2, core_steps 2): from then on within the budget
         settled = results[0]["settled_params"]
-        assert settled[:3] == [136] * 3 and all(count <= param_budget for count in settled[3:]), settled
+        assert settled[:3] == [136] * 3 and all(count <= option for count in settled[3:]), settled
         assert results[1]["settled_params"] == settled

@@ -1,11 +1,12 @@
 """Trainer under torchrun (2 CPU processes, gloo) with TuckerRankCallback; launched by tests/test_ddp.py.
 
-    torchrun --nproc_per_node 2 --master_port 29581 tests/ddp/train_ddp.py OUTPUT_DIR [PARAM_BUDGET]
+    torchrun --nproc_per_node 2 --master_port 29581 tests/ddp/train_ddp.py OUTPUT_DIR [PARAM_BUDGET | absorb_core]
 
 Process 1 perturbs every truncation it computes (as a differing SVD would), so only the broadcast from process 0
 can make the processes agree. After every optimizer step a checking callback compares a digest of each process's
 adapter tensors, ranks and core optimizer state; at the end each process saves that state to OUTPUT_DIR/state{rank}.pt.
-With PARAM_BUDGET the adapter has that `param_budget` and `tau=0.01`, so that the budget decides the ranks.
+With PARAM_BUDGET the adapter has that `param_budget` and `tau=0.01`, so that the budget decides the ranks; with
+`absorb_core` its linear adapter is kept folded between cycle events.
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     if rank == 1:
         batched_cycle.apply_truncation = perturbed(batched_cycle.apply_truncation)
-    budget = {"param_budget": int(sys.argv[2]), "tau": 0.01} if len(sys.argv) > 2 else {"tau": 0.1}
+    option = sys.argv[2] if len(sys.argv) > 2 else None
+    if option == "absorb_core":
+        budget = {"tau": 0.1, "absorb_core": True}
+    else:
+        budget = {"param_budget": int(option), "tau": 0.01} if option is not None else {"tau": 0.1}
     model = tucker_model(core_steps=2, augment_start_step=2, r=2, r_max=4, **budget)
     rank_callback = TuckerRankCallback()
     checker = CheckIdentical(rank_callback)
