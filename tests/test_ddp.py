@@ -13,18 +13,22 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).parent / "ddp" / "train_ddp.py"
-MASTER_PORT = "29581"  # distinct from any other test's
+MASTER_PORT = 29581  # distinct from any other test's; each case adds its index (xdist may run them at once)
 
 
-@pytest.mark.parametrize("option", [None, 110, "absorb_core"], ids=["tau", "param_budget", "absorb_core"])
+OPTIONS = [None, 110, "absorb_core"]
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=["tau", "param_budget", "absorb_core"])
 def test_two_processes_stay_bit_identical(tmp_path, option):
     """`option`: none (tau), a `param_budget` of 110, or `absorb_core` (the linear adapter folded between events)."""
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
         "PYTHONPATH": str(Path(__file__).parent.parent),
     }  # fmt: skip
+    port = str(MASTER_PORT + OPTIONS.index(option))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", MASTER_PORT,
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
         str(SCRIPT), str(tmp_path), *([] if option is None else [str(option)]),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
