@@ -11,6 +11,10 @@ a check of the machinery and a first comparison, not as DreamBooth quality on a 
 
     python benchmarks/dreambooth_quality.py --base outputs/dreambooth/base --seeds 0 1 2 --max_train_steps 300
 
+`--jobs 2` runs two at a time (the CPU threads shared among them). A finished run (its `metrics.json` beside the
+arguments it ran with) is reused, so an interrupted benchmark resumes and a report can be assembled from runs made
+by separate invocations.
+
 On a real base (the hub path), `--clip_model_name_or_path` / `--dino_model_name_or_path` add the DreamBooth paper's
 CLIP-I, CLIP-T and DINO of `--num_validation_images` samples of `--validation_prompt` to every run.
 """
@@ -64,7 +68,10 @@ def run_one(setting: dict, seed: int, options: argparse.Namespace, out: Path) ->
     if options.clip_model_name_or_path or options.dino_model_name_or_path:
         args += ["--validation_prompt", options.validation_prompt,
                  "--num_validation_images", str(options.num_validation_images)]  # fmt: skip
-    metrics = train_dreambooth.main(args)
+    metrics = reused_metrics(folder, args)
+    if metrics is None:
+        metrics = train_dreambooth.main(args)
+        (folder / "benchmark_args.json").write_text(json.dumps(args))
     scores = metrics["image_metrics"] or {}
     return {
         "setting": setting["name"], "method": setting["method"], "seed": seed,
@@ -73,6 +80,54 @@ def run_one(setting: dict, seed: int, options: argparse.Namespace, out: Path) ->
         "final_instance_loss": metrics["history"][-1]["instance_loss"], "wall_time_s": metrics["wall_time_s"],
         **{name: scores.get(name) for name in IMAGE_METRICS},
     }  # fmt: skip
+
+
+def reused_metrics(folder: Path, args: list[str]) -> dict | None:
+    """The metrics of a finished run of exactly these arguments (so that an interrupted benchmark resumes)."""
+    metrics_path, args_path = folder / "metrics.json", folder / "benchmark_args.json"
+    if metrics_path.is_file() and args_path.is_file() and json.loads(args_path.read_text()) == args:
+        return json.loads(metrics_path.read_text())
+    return None
+
+
+def _start_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(REPO / "recipes" / "dreambooth"))
+
+
+def run_all(tasks: list[tuple[dict, int]], options: argparse.Namespace, out: Path) -> list[dict]:
+    """Every (setting, seed), `options.jobs` at a time. The first runs alone: it samples the class images that every
+    run then shares."""
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=len(tasks), desc="runs (setting x seed)")
+    rows = []
+
+    def done(row: dict) -> None:
+        rows.append(row)
+        progress.write(json.dumps(row))
+        progress.update()
+
+    done(run_one(*tasks[0], options, out))
+    if options.jobs == 1:
+        for setting, seed in tasks[1:]:
+            done(run_one(setting, seed, options, out))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // options.jobs)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            options.jobs, mp_context=context, initializer=_start_worker, initargs=(threads,)
+        ) as pool:
+            futures = [pool.submit(run_one, setting, seed, options, out) for setting, seed in tasks[1:]]
+            for future in futures:
+                done(future.result())
+    progress.close()
+    return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -161,7 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dino_model_name_or_path", default=None, help="DINO (see train_dreambooth.py)")
     parser.add_argument("--validation_prompt", default="a photo of sks dog", help="the prompt the metrics score")
     parser.add_argument("--num_validation_images", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, the CPU threads shared among them")
     options = parser.parse_args(argv)
+    if options.jobs < 1:
+        raise ValueError(f"`jobs` must be >= 1; got {options.jobs}.")
     if not os.path.isdir(options.base):
         raise ValueError(
             f"`base` must be an offline base folder (build it with run_offline.sh); got {options.base!r}."
@@ -169,13 +227,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    rows = []
-    for setting in settings(options.taus, options.lora_ranks, options.tucker_rank):
-        if options.only and setting["name"] not in options.only:
-            continue
-        for seed in options.seeds:
-            rows.append(run_one(setting, seed, options, out))
-            print(json.dumps(rows[-1]), flush=True)
+    tasks = [
+        (setting, seed)
+        for setting in settings(options.taus, options.lora_ranks, options.tucker_rank)
+        if not options.only or setting["name"] in options.only
+        for seed in options.seeds
+    ]
+    if not tasks:
+        raise ValueError(f"`only` names no setting of this benchmark; got {options.only}.")
+    rows = run_all(tasks, options, out)
     write_report(summarize(rows), rows, options, out, time.time() - start)
     print((out / "dreambooth_quality.md").read_text())
 
