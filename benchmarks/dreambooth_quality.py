@@ -93,8 +93,7 @@ def reused_metrics(folder: Path, args: list[str]) -> dict | None:
 def _start_worker(threads: int) -> None:
     import torch
 
-    torch.set_num_threads(threads)
-    sys.path.insert(0, str(REPO / "recipes" / "dreambooth"))
+    torch.set_num_threads(threads)  # the recipes' path comes with this module's import in the worker
 
 
 def run_all(tasks: list[tuple[dict, int]], options: argparse.Namespace, out: Path) -> list[dict]:
