@@ -1,8 +1,9 @@
 """DreamBooth quality on the offline base: held-out denoising loss and class drift against active trainable parameters.
 
 For each adapter setting, `recipes/dreambooth/train_dreambooth.py` trains on the subject with prior preservation and
-one photo left out (`--heldout_image`); the held-out loss uses fixed seeded noise and timesteps, the class drift is
-the mean squared difference between adapted and base predictions on the class images with the class prompt. Settings:
+one photo left out (`--heldout_image`); the held-out loss uses fixed seeded noise and timesteps, the same for every
+run and training seed (`--heldout_seed`), so that the gain over the base is paired; the class drift is the mean
+squared difference between adapted and base predictions on the class images with the class prompt. Settings:
 Tucker at several tau, with convs (attention + resnet conv1/conv2) and attention-only, and PEFT LoRA at r = 2, 4, 8,
 with flattened convs and attention-only. Writes JSON, a markdown table and a loss-vs-parameters figure.
 
@@ -58,6 +59,7 @@ def run_one(setting: dict, seed: int, options: argparse.Namespace, out: Path) ->
         "--instance_prompt", options.instance_prompt, "--class_prompt", options.class_prompt,
         "--with_prior_preservation", "--class_data_dir", str(out / "class"), "--num_class_images", "8",
         "--heldout_image", options.heldout_image, "--center_crop", "--random_flip",
+        "--heldout_seed", str(options.heldout_seed),
         "--max_train_steps", str(options.max_train_steps), "--learning_rate", str(options.learning_rate),
         "--checkpointing_steps", str(options.max_train_steps + 1), "--logging_steps", "10", "--seed", str(seed),
         "--output_dir", str(folder), "--target_modules", *setting["targets"], *setting["args"],
@@ -134,6 +136,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["setting"] for r in rows):
         group = [r for r in rows if r["setting"] == name]
         losses = [r["heldout_loss"] for r in group]
+        gains = [r["heldout_loss_base"] - r["heldout_loss"] for r in group]  # paired: the same draws for every run
         table.append(
             {
                 "setting": name,
@@ -143,6 +146,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "heldout_loss": statistics.fmean(losses),
                 "heldout_loss_sd": statistics.stdev(losses) if len(group) > 1 else None,
                 "heldout_loss_base": group[0]["heldout_loss_base"],
+                "heldout_gain": statistics.fmean(gains),
+                "heldout_gain_sd": statistics.stdev(gains) if len(group) > 1 else None,
                 "class_drift": statistics.fmean(r["class_drift"] for r in group),
                 **{
                     name: statistics.fmean(r[name] for r in group) if group[0][name] is not None else None
@@ -162,14 +167,18 @@ def write_report(table: list[dict], rows: list[dict], options: argparse.Namespac
     ]  # fmt: skip
     scored = [name for name in IMAGE_METRICS if table[0][name] is not None]
     lines += [
-        "| setting | seeds | active params | held-out loss (base) | held-out loss | class drift |"
+        f"Every run is scored on the same held-out draws (`--heldout_seed {options.heldout_seed}`); the gain is the "
+        "base's held-out loss minus the adapted one's, in units of 1e-4, mean ± std over the training seeds.", "",
+        "| setting | seeds | active params | held-out loss (base) | held-out loss | held-out gain (1e-4) "
+        "| class drift |"
         + "".join(f" {name.upper().replace('_', '-')} |" for name in scored),
-        "|---|---|---|---|---|---|" + "---|" * len(scored),
-    ]
+        "|---|---|---|---|---|---|---|" + "---|" * len(scored),
+    ]  # fmt: skip
     for r in table:
         sd = f" ± {r['heldout_loss_sd']:.4f}" if r["heldout_loss_sd"] is not None else ""
+        gain_sd = f" ± {r['heldout_gain_sd'] * 1e4:.2f}" if r["heldout_gain_sd"] is not None else ""
         lines.append(f"| {r['setting']} | {r['seeds']} | {r['active_params']:,.0f} | {r['heldout_loss_base']:.4f} | "
-                     f"{r['heldout_loss']:.4f}{sd} | {r['class_drift']:.5f} |"
+                     f"{r['heldout_loss']:.4f}{sd} | {r['heldout_gain'] * 1e4:.2f}{gain_sd} | {r['class_drift']:.5f} |"
                      + "".join(f" {r[name]:.4f} |" for name in scored))  # fmt: skip
     (out / "dreambooth_quality.md").write_text("\n".join(lines) + "\n")
     (out / "dreambooth_quality.json").write_text(json.dumps({"options": vars(options), "table": table, "runs": rows},
@@ -182,14 +191,16 @@ def write_report(table: list[dict], rows: list[dict], options: argparse.Namespac
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for method, marker in (("tucker", "o"), ("lora", "s")):
         for label, style in (("attn+conv", "-"), ("attn", "--")):
-            points = sorted((r["active_params"], r["heldout_loss"]) for r in table
-                            if r["method"] == method and r["setting"].endswith(" " + label))  # fmt: skip
+            curve = [r for r in table if r["method"] == method and r["setting"].endswith(" " + label)]
+            points = sorted((r["active_params"], r["heldout_gain"] * 1e4, (r["heldout_gain_sd"] or 0.0) * 1e4)
+                            for r in curve)  # fmt: skip
             if points:
-                axis.plot(*zip(*points), marker=marker, linestyle=style, label=f"{method} {label}")
-    axis.axhline(table[0]["heldout_loss_base"], color="grey", linewidth=0.8, label="base (no adapter)")
+                x, y, err = zip(*points)
+                axis.errorbar(x, y, yerr=err, marker=marker, linestyle=style, capsize=3, label=f"{method} {label}")
+    axis.axhline(0.0, color="grey", linewidth=0.8, label="base (no adapter)")
     axis.set_xscale("log")
     axis.set_xlabel("active trainable parameters")
-    axis.set_ylabel("held-out denoising loss")
+    axis.set_ylabel("held-out loss gain over the base (1e-4, higher is better)")
     axis.set_title("DreamBooth on the tiny offline base (not Stable Diffusion)")
     axis.legend(fontsize="small")
     figure.tight_layout()
@@ -204,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--class_prompt", default="a photo of dog")
     parser.add_argument("--heldout_image", default="04.jpg")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--heldout_seed", type=int, default=0, help="the held-out draws, the same for every run")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.05, 0.2, 0.4])
     parser.add_argument("--lora_ranks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--tucker_rank", type=int, default=4)

@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="file name in instance_data_dir kept out of training for the held-out loss",
     )
+    a(
+        "--heldout_seed",
+        type=int,
+        default=0,
+        help="seed of the held-out loss's and class drift's noise and timesteps, apart from --seed so that runs of "
+        "every training seed are scored on the same draws",
+    )
     # DreamBooth's image metrics of the final validation images against the instance photos (nothing loads without)
     a(
         "--clip_model_name_or_path",

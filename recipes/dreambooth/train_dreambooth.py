@@ -44,7 +44,8 @@ from params import adapter_parameter_count, lora_parameter_count  # noqa: E402
 from sampling import generate, save_grid, to_pil  # noqa: E402
 
 logger = logging.getLogger("train_dreambooth")
-HELDOUT_DRAWS = 8  # fixed (noise, timestep) draws per held-out image
+HELDOUT_DRAWS = 32  # fixed (noise, timestep) draws per held-out image
+HELDOUT_BATCH = 8
 
 
 def add_adapter(unet, args) -> None:
@@ -94,13 +95,17 @@ def heldout_loss(unet, noise_scheduler, latent_set: LatentSet, text_encoder, see
     losses = []
     for index, views in enumerate(latent_set.latents):
         generator = torch.Generator().manual_seed(seed * 7919 + index)
-        latents = views[0][None].repeat(HELDOUT_DRAWS, 1, 1, 1).to(states.device)
-        prediction, target = denoising_loss(
-            unet, noise_scheduler, latents, states.repeat(HELDOUT_DRAWS, 1, 1), generator, weight_dtype
-        )
-        losses.append(torch.nn.functional.mse_loss(prediction.float(), target.float()).item())
+        for latents, hidden in heldout_batches(views[0], states):
+            prediction, target = denoising_loss(unet, noise_scheduler, latents, hidden, generator, weight_dtype)
+            losses.append(torch.nn.functional.mse_loss(prediction.float(), target.float()).item())
     unet.train(was_training)
     return sum(losses) / len(losses)
+
+
+def heldout_batches(latent: torch.Tensor, states: torch.Tensor):
+    """HELDOUT_DRAWS copies of one image's latent in batches of HELDOUT_BATCH (bounded memory on a full-size UNet)."""
+    for _ in range(HELDOUT_DRAWS // HELDOUT_BATCH):
+        yield latent[None].repeat(HELDOUT_BATCH, 1, 1, 1).to(states.device), states.repeat(HELDOUT_BATCH, 1, 1)
 
 
 @torch.no_grad()
@@ -112,17 +117,15 @@ def class_drift(model, noise_scheduler, latent_set: LatentSet, text_encoder, see
     states = text_encoder([latent_set.prompt])
     diffs = []
     for index, views in enumerate(latent_set.latents):
-        latents = views[0][None].repeat(HELDOUT_DRAWS, 1, 1, 1).to(states.device)
-        hidden = states.repeat(HELDOUT_DRAWS, 1, 1)
-        adapted, _ = denoising_loss(
-            model, noise_scheduler, latents, hidden, torch.Generator().manual_seed(seed * 7919 + index), weight_dtype
-        )
-        model.disable_adapters()
-        base, _ = denoising_loss(
-            model, noise_scheduler, latents, hidden, torch.Generator().manual_seed(seed * 7919 + index), weight_dtype
-        )
-        model.enable_adapters()
-        diffs.append((adapted.float() - base.float()).pow(2).mean().item())
+        generator = torch.Generator().manual_seed(seed * 7919 + index)
+        for latents, hidden in heldout_batches(views[0], states):
+            draw = generator.get_state()
+            adapted, _ = denoising_loss(model, noise_scheduler, latents, hidden, generator, weight_dtype)
+            model.disable_adapters()
+            generator.set_state(draw)  # the base sees the same noise and timesteps
+            base, _ = denoising_loss(model, noise_scheduler, latents, hidden, generator, weight_dtype)
+            model.enable_adapters()
+            diffs.append((adapted.float() - base.float()).pow(2).mean().item())
     model.train(was_training)
     return sum(diffs) / len(diffs)
 
@@ -216,7 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if weight_dtype != torch.float32:
         unet.to(dtype=weight_dtype)  # the frozen base only: the adapter is added (in float32) below
-    heldout_base = heldout_loss(unet, noise_scheduler, heldout, text_encoder, seed, weight_dtype) if heldout else None
+    score_heldout = lambda model: heldout_loss(  # noqa: E731
+        model, noise_scheduler, heldout, text_encoder, args.heldout_seed, weight_dtype
+    )
+    heldout_base = score_heldout(unet) if heldout else None
     add_adapter(unet, args)
     cast_training_params(unet, dtype=torch.float32)  # adapter parameters train in float32 under mixed precision
     if args.gradient_checkpointing:
@@ -375,11 +381,12 @@ def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldo
         "history": history,
         "final_loss": history[-1]["loss"] if history else None,
         "heldout_image": args.heldout_image,
-        "heldout_loss": heldout_loss(model, noise_scheduler, heldout, text_encoder, args.seed, weight_dtype)
+        "heldout_loss": heldout_loss(model, noise_scheduler, heldout, text_encoder, args.heldout_seed, weight_dtype)
         if heldout
         else None,
         "heldout_loss_base": heldout_base,
-        "class_drift": class_drift(model, noise_scheduler, classes, text_encoder, args.seed, weight_dtype)
+        "heldout_seed": args.heldout_seed,
+        "class_drift": class_drift(model, noise_scheduler, classes, text_encoder, args.heldout_seed, weight_dtype)
         if classes
         else None,
         "image_metrics": score_images(args, images, accelerator.device),  # CLIP-I, CLIP-T, DINO

@@ -45,6 +45,13 @@ def test_two_jobs_match_one_and_finished_runs_are_reused(tiny_base, instance_dir
         return json.loads((out / "dreambooth_quality.json").read_text())["runs"]
 
     sequential, parallel = run(tmp_path / "one"), run(tmp_path / "two", "--jobs", "2")
+    # every training seed is scored on the same held-out draws: one base loss, and the gain is paired
+    seed0, seed1 = sequential
+    assert seed0["heldout_loss_base"] == seed1["heldout_loss_base"]
+    assert seed0["heldout_loss"] != seed1["heldout_loss"]
+    [row] = json.loads((tmp_path / "one" / "dreambooth_quality.json").read_text())["table"]
+    gains = [r["heldout_loss_base"] - r["heldout_loss"] for r in sequential]
+    assert abs(row["heldout_gain"] - sum(gains) / 2) <= 1e-12 and row["heldout_gain_sd"] > 0
     for a, b in zip(sequential, parallel, strict=True):
         assert a["seed"] == b["seed"] and a["active_params"] == b["active_params"]
         # the same training in another process, with another thread count: float32 sums may round differently
