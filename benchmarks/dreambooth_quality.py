@@ -4,8 +4,9 @@ For each adapter setting, `recipes/dreambooth/train_dreambooth.py` trains on the
 one photo left out (`--heldout_image`); the held-out loss uses fixed seeded noise and timesteps, the same for every
 run and training seed (`--heldout_seed`), so that the gain over the base is paired; the class drift is the mean
 squared difference between adapted and base predictions on the class images with the class prompt. Settings:
-Tucker at several tau, with convs (attention + resnet conv1/conv2) and attention-only, and PEFT LoRA at r = 2, 4, 8,
-with flattened convs and attention-only. Writes JSON, a markdown table and a loss-vs-parameters figure.
+Tucker at several tau, with convs (attention + resnet conv1/conv2) and attention-only, also with `--absorb_core` (the
+attention adapters stepped as K = U C and V, the convs in the Tucker form), and PEFT LoRA at r = 2, 4, 8, with
+flattened convs and attention-only. Writes JSON, a markdown table and a loss-vs-parameters figure.
 
 The base is the tiny offline one (`recipes/dreambooth/offline_base.py`), not Stable Diffusion: read the figures as
 a check of the machinery and a first comparison, not as DreamBooth quality on a real model.
@@ -38,12 +39,16 @@ WITH_CONVS = [*ATTENTION, "conv1", "conv2"]
 IMAGE_METRICS = ("clip_i", "clip_t", "dino")  # with --clip_model_name_or_path / --dino_model_name_or_path
 
 
-def settings(taus: list[float], lora_ranks: list[int], tucker_rank: int) -> list[dict]:
+def settings(taus: list[float], lora_ranks: list[int], tucker_rank: int, folded_taus: list[float]) -> list[dict]:
     found = []
     for targets, label in ((WITH_CONVS, "attn+conv"), (ATTENTION, "attn")):
         for tau in taus:
             found.append({"name": f"tucker tau={tau} {label}", "method": "tucker", "targets": targets,
                           "args": ["--method", "tucker", "--rank", str(tucker_rank), "--tau", str(tau)]})  # fmt: skip
+        for tau in folded_taus:  # attention folded (K = U C and V), convs in the Tucker form
+            found.append({"name": f"tucker folded tau={tau} {label}", "method": "tucker folded", "targets": targets,
+                          "args": ["--method", "tucker", "--rank", str(tucker_rank), "--tau", str(tau),
+                                   "--absorb_core"]})  # fmt: skip
         for rank in lora_ranks:
             found.append({"name": f"lora r={rank} {label}", "method": "lora", "targets": targets,
                           "args": ["--method", "lora", "--rank", str(rank)]})  # fmt: skip
@@ -189,7 +194,7 @@ def write_report(table: list[dict], rows: list[dict], options: argparse.Namespac
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for method, marker in (("tucker", "o"), ("lora", "s")):
+    for method, marker in (("tucker", "o"), ("tucker folded", "^"), ("lora", "s")):
         for label, style in (("attn+conv", "-"), ("attn", "--")):
             curve = [r for r in table if r["method"] == method and r["setting"].endswith(" " + label)]
             points = sorted((r["active_params"], r["heldout_gain"] * 1e4, (r["heldout_gain_sd"] or 0.0) * 1e4)
@@ -217,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--heldout_seed", type=int, default=0, help="the held-out draws, the same for every run")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.05, 0.2, 0.4])
+    parser.add_argument("--folded_taus", type=float, nargs="*", default=[0.1], help="Tucker with --absorb_core")
     parser.add_argument("--lora_ranks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--tucker_rank", type=int, default=4)
     parser.add_argument("--max_train_steps", type=int, default=300)
@@ -240,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     tasks = [
         (setting, seed)
-        for setting in settings(options.taus, options.lora_ranks, options.tucker_rank)
+        for setting in settings(options.taus, options.lora_ranks, options.tucker_rank, options.folded_taus)
         if not options.only or setting["name"] in options.only
         for seed in options.seeds
     ]

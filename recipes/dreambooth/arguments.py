@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--r_max", type=int, default=None, help="Tucker: largest rank per mode; default 2 * rank")
     a("--core_steps", type=int, default=None, help="Tucker: steps between augmentation and truncation (default 10)")
     a("--augment_start_step", type=int, default=None, help="Tucker: steps before the first augmentation (default 10)")
+    a(
+        "--absorb_core",
+        action="store_true",
+        help="Tucker: step the linear adapters (attention) as K = U C and V, as LoRA steps B and A; convs keep the "
+        "Tucker form (docs/training.md)",
+    )
     a("--target_modules", nargs="+", default=DEFAULT_TARGETS, help="attention only: to_q to_k to_v to_out.0")
     a(
         "--output_kohya_format",
@@ -111,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError(
                 f"`{name}` is a Tucker setting and `--method lora` has none; got {name}={getattr(args, name)}."
             )
+    if args.method == "lora" and args.absorb_core:
+        raise ValueError("`absorb_core` is a Tucker setting and `--method lora` has none; got absorb_core=True.")
     if args.method == "tucker" and args.tau is None:
         args.tau = 0.1
     if args.tau is not None and not 0.0 < args.tau < 1.0:

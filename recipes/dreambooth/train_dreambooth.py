@@ -57,7 +57,7 @@ def add_adapter(unet, args) -> None:
         schedule = {k: getattr(args, k) for k in ("core_steps", "augment_start_step") if getattr(args, k) is not None}
         config = tucker_lora.TuckerAdapterConfig(
             r=args.rank, alpha=float(args.rank), tau=args.tau, r_max=args.r_max, target_modules=args.target_modules,
-            **schedule,
+            absorb_core=args.absorb_core, **schedule,
         )  # fmt: skip
     else:
         from peft import LoraConfig
@@ -374,6 +374,7 @@ def save_outputs(args, model, text_encoder, vae, noise_scheduler, history, heldo
         "rank": args.rank,
         "tau": args.tau,
         "r_max": args.r_max,
+        "absorb_core": args.absorb_core,
         "target_modules": args.target_modules,
         "instance_data_dir": args.instance_data_dir,
         "instance_prompt": args.instance_prompt,

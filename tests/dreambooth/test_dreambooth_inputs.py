@@ -44,6 +44,7 @@ def test_diffusers_argument_set_parses():
     [
         (["--method", "lora", "--tau", "0.1"], "`tau` is a Tucker setting"),
         (["--method", "lora", "--r_max", "8"], "`r_max` is a Tucker setting"),
+        (["--method", "lora", "--absorb_core"], "`absorb_core` is a Tucker setting"),
         (["--tau", "1.5"], r"`tau` must be in \(0, 1\); got 1.5"),
         (["--rank", "0"], "`rank` must be >= 1; got 0"),
         (["--rank", "4", "--r_max", "2"], "`r_max` must be >= `rank`"),
