@@ -219,10 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if weight_dtype != torch.float32:
         unet.to(dtype=weight_dtype)  # the frozen base only: the adapter is added (in float32) below
-    score_heldout = lambda model: heldout_loss(  # noqa: E731
-        model, noise_scheduler, heldout, text_encoder, args.heldout_seed, weight_dtype
-    )
-    heldout_base = score_heldout(unet) if heldout else None
+    heldout_base = None
+    if heldout:
+        heldout_base = heldout_loss(unet, noise_scheduler, heldout, text_encoder, args.heldout_seed, weight_dtype)
     add_adapter(unet, args)
     cast_training_params(unet, dtype=torch.float32)  # adapter parameters train in float32 under mixed precision
     if args.gradient_checkpointing:
