@@ -127,6 +127,25 @@ def test_aggregate_means_stds_and_goal(tmp_path: Path):
     assert figure.stat().st_size > 0  # one panel per task, written without a display
 
 
+def test_paired_differences_against_lora_use_the_same_seeds():
+    preset = {"tasks": {"sst2": {}}, "methods": ["tucker", "lora"]}
+    # tucker has a seed that LoRA lacks: it is left out of the pairs
+    runs = [
+        fake_run("sst2", "tucker", seed, value, 700) for seed, value in ((0, 0.80), (1, 0.84), (2, 0.83), (3, 0.5))
+    ]
+    runs += [fake_run("sst2", "lora", seed, value, 1000) for seed, value in ((0, 0.81), (1, 0.82), (2, 0.83))]
+    summary = glue_quality.aggregate(runs, preset)
+    cell = summary["paired_vs_lora"]["sst2/tucker"]
+    assert cell["difference"]["n"] == 3 and cell["wins"] == 2  # -0.01, +0.02, 0.00
+    assert cell["difference"]["mean"] == pytest.approx(0.01 / 3)
+    assert cell["difference"]["std"] == pytest.approx(statistics.stdev([-0.01, 0.02, 0.0]))
+    assert "sst2/lora" not in summary["paired_vs_lora"]
+    record = {"preset": "t", "model": "m", "seeds": [0, 1, 2, 3], "notes": "", "common": {}, "method_settings": {},
+              "method_settings_source": "s", "environment": {"commit": "c", "date": "d"},
+              "summary": summary}  # fmt: skip
+    assert "| sst2 | tucker | +0.33 +- 1.53 | 2 of 3 |" in glue_quality.markdown(record)
+
+
 @pytest.mark.slow  # two recipe processes: about 20 s on an idle 2-core machine, much more under load
 def test_one_tiny_run_end_to_end(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
     preset = {
