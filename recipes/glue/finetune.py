@@ -117,6 +117,14 @@ class DataArguments:
             "(SST-2's train set is mostly short phrases, its dev set whole sentences)."
         },
     )
+    holdout_disjoint: bool = field(
+        default=True,
+        metadata={
+            "help": "With --holdout_rows: skip rows that share a phrase with the training subset (contain one of its "
+            "rows of >= 4 words, or lie inside one): SST-2's rows are phrases of the same parsed sentences, and "
+            "without this about half of the held-out rows repeat training text, which dev never does."
+        },
+    )
 
 
 @dataclass
@@ -533,7 +541,9 @@ def main(argv: list[str] | None = None) -> dict:
         train, evals = split["train"], {"train_holdout": split["test"]}
     elif data_args.holdout_rows is not None:
         rest = take_rest(raw["train"], data_args.max_train_samples, data_args.train_subset_seed)
-        evals = {"train_holdout": held_out_rows(rest, data_args.holdout_rows, data_args.holdout_min_words)}
+        disjoint = train if data_args.holdout_disjoint else None
+        held_out = held_out_rows(rest, data_args.holdout_rows, data_args.holdout_min_words, disjoint)
+        evals = {"train_holdout": held_out}
     else:
         evals = {name: raw[name] for name in task.eval_splits}
     if data_args.max_eval_samples is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
@@ -271,13 +272,49 @@ def take_rest(dataset: datasets.Dataset, num_samples: int, seed: int) -> dataset
     return dataset.shuffle(seed=seed).select(range(min(num_samples, len(dataset)), len(dataset)))
 
 
-def held_out_rows(rest: datasets.Dataset, num_rows: int, min_words: int = 0) -> datasets.Dataset:
-    """The first `num_rows` rows of `rest` whose first sentence has at least `min_words` words."""
+# a held-out row that contains a training row this long (in words) shares a phrase with the training set
+SHARED_PHRASE_WORDS = 4
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.lower().split())
+
+
+def shares_text_with(rows: list[str], min_words: int = 1) -> Callable[[str], bool]:
+    """A test of whether a text contains one of `rows` of at least `SHARED_PHRASE_WORDS` words, or lies inside one of
+    `rows` (whole words, case-insensitive). SST-2's train rows are the phrases of parsed sentences: a row outside a
+    training subset is often a sub- or super-phrase of a row inside it, so scoring it measures recall of training
+    text rather than generalization (dev shares no such text with train). Only texts of at least `min_words` words
+    are asked about (spans shorter than that are not kept)."""
+    phrases = {words for words in map(_words, rows) if len(words) >= SHARED_PHRASE_WORDS}
+    spans: set[tuple[str, ...]] = set()  # every contiguous span of every row
+    for words in map(_words, rows):
+        spans.update(words[i:j] for i in range(len(words)) for j in range(i + max(min_words, 1), len(words) + 1))
+
+    def shares(text: str) -> bool:
+        words = _words(text)
+        if words in spans:
+            return True
+        return any(words[i:j] in phrases for i in range(len(words))
+                   for j in range(i + SHARED_PHRASE_WORDS, len(words) + 1))  # fmt: skip
+
+    return shares
+
+
+def held_out_rows(
+    rest: datasets.Dataset, num_rows: int, min_words: int = 0, disjoint_from: datasets.Dataset | None = None
+) -> datasets.Dataset:
+    """The first `num_rows` rows of `rest` whose first sentence has at least `min_words` words and, with
+    `disjoint_from` (the training rows), shares no phrase with its first sentences (`shares_text_with`)."""
     if min_words > 0:
         rest = rest.filter(lambda row: len(row["sentence1"].split()) >= min_words, desc="Held-out rows")
+    if disjoint_from is not None:
+        shares = shares_text_with(disjoint_from["sentence1"], min_words)
+        rest = rest.filter(lambda row: not shares(row["sentence1"]), desc="Held-out rows sharing no phrase")
     if len(rest) < num_rows:
         raise ValueError(
             f"`--holdout_rows` asks for {num_rows} rows outside the training subset with at least {min_words} words "
-            f"(`--holdout_min_words`); only {len(rest)} exist"
+            f"(`--holdout_min_words`){' sharing no phrase with it' if disjoint_from is not None else ''}; only "
+            f"{len(rest)} exist"
         )
     return rest.select(range(num_rows))

@@ -208,6 +208,27 @@ def test_holdout_rows_come_from_outside_the_training_subset(tiny_bert_dir: Path,
     assert saved["num_train_samples"] == 20 and saved["num_eval_samples"] == {"train_holdout": 8}
 
 
+def test_holdout_rows_share_no_phrase_with_the_training_rows():
+    import datasets
+    from tasks import held_out_rows
+
+    train = datasets.Dataset.from_dict({"sentence1": ["a fine film", "The plot is thin and dull",
+                                                      "one of the best films of the year"]})  # fmt: skip
+    rest = datasets.Dataset.from_dict({"sentence1": [
+        "the plot is thin and dull , but the cast shines",  # holds a training row of >= 4 words
+        "best films of the year",  # lies inside a training row
+        "a fine film indeed",  # holds a training row of 3 words only: kept
+        "a wholly new sentence here",
+    ]})  # fmt: skip
+    kept = held_out_rows(rest, 2, disjoint_from=train)
+    assert kept["sentence1"] == ["a fine film indeed", "a wholly new sentence here"]
+    assert held_out_rows(rest, 3)["sentence1"] == rest["sentence1"][:3]  # without it, the first rows
+    with pytest.raises(ValueError, match=r"asks for 3 rows .* sharing no phrase with it; only 2 exist"):
+        held_out_rows(rest, 3, disjoint_from=train)
+    # spans shorter than min_words are not kept, and rows that short are filtered out before the test
+    assert held_out_rows(rest, 1, min_words=5, disjoint_from=train)["sentence1"] == ["a wholly new sentence here"]
+
+
 @needs_tucker
 def test_core_lr_ratio_gives_the_cores_a_group_of_their_own(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
     import finetune
