@@ -35,7 +35,7 @@ from callbacks import AdaLoraAllocatorCallback, CompactProgressCallback, adalora
 from metrics import compute_metrics, majority_baseline, predictions_from_logits
 from peft import AdaLoraConfig, LoraConfig, PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from tasks import TASKS, get_task, held_out_rows, load_glue, take_rest, take_subset
+from tasks import TASKS, get_task, held_out_rows, load_glue, shares_text_with, take_rest, take_subset
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -120,9 +120,9 @@ class DataArguments:
     holdout_disjoint: bool = field(
         default=True,
         metadata={
-            "help": "With --holdout_rows: skip rows that share a phrase with the training subset (contain one of its "
-            "rows of >= 4 words, or lie inside one): SST-2's rows are phrases of the same parsed sentences, and "
-            "without this about half of the held-out rows repeat training text, which dev never does."
+            "help": "With --holdout_rows or --holdout_fraction: leave out held-out rows that share a phrase with the "
+            "training rows (contain one of >= 4 words, or lie inside one): SST-2's rows are phrases of the same "
+            "parsed sentences, and without this most long held-out rows repeat training text, which dev never does."
         },
     )
 
@@ -538,7 +538,13 @@ def main(argv: list[str] | None = None) -> dict:
     train = take_subset(raw["train"], data_args.max_train_samples, data_args.train_subset_seed)
     if data_args.holdout_fraction > 0:
         split = train.train_test_split(test_size=data_args.holdout_fraction, seed=data_args.train_subset_seed)
-        train, evals = split["train"], {"train_holdout": split["test"]}
+        held_out = split["test"]
+        if data_args.holdout_disjoint:
+            shares = shares_text_with(split["train"]["sentence1"])
+            held_out = held_out.filter(
+                lambda row: not shares(row["sentence1"]), desc="Held-out rows sharing no phrase"
+            )
+        train, evals = split["train"], {"train_holdout": held_out}
     elif data_args.holdout_rows is not None:
         rest = take_rest(raw["train"], data_args.max_train_samples, data_args.train_subset_seed)
         disjoint = train if data_args.holdout_disjoint else None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from finetune import config_to_argv, lora_parameters, main, parse_args
-from glue_fixtures import REPO
+from glue_fixtures import REPO, WORDS, write_tsv
 
 CONFIGS = REPO / "recipes" / "glue" / "configs"
 
@@ -227,6 +227,30 @@ def test_holdout_rows_share_no_phrase_with_the_training_rows():
         held_out_rows(rest, 3, disjoint_from=train)
     # spans shorter than min_words are not kept, and rows that short are filtered out before the test
     assert held_out_rows(rest, 1, min_words=5, disjoint_from=train)["sentence1"] == ["a wholly new sentence here"]
+
+
+def test_holdout_fraction_leaves_out_rows_that_share_a_phrase_with_the_training_part(
+    tiny_bert_dir: Path, tmp_path: Path
+):
+    import random
+
+    from tasks import load_glue, shares_text_with
+
+    rng = random.Random(0)
+    phrases = [" ".join(rng.choice(WORDS[:-6]) for _ in range(5)) for _ in range(8)]
+    rows = [[p, "0"] for p in phrases] + [[p + " good film", "1"] for p in phrases]  # each phrase in a longer row
+    write_tsv(tmp_path / "glue" / "SST-2" / "train.tsv", [["sentence", "label"]] + rows)
+    write_tsv(tmp_path / "glue" / "SST-2" / "dev.tsv", [["sentence", "label"]] + rows[:4])
+    split = load_glue("sst2", tmp_path / "glue")["train"].train_test_split(test_size=0.5, seed=42)
+    shares = shares_text_with(split["train"]["sentence1"])
+    expected = sum(not shares(text) for text in split["test"]["sentence1"])
+    assert 0 < expected < 8  # the split puts some pairs on both sides
+    counts = {}
+    for disjoint in ("true", "false"):
+        extra = ["--holdout_fraction", "0.5", "--holdout_disjoint", disjoint]
+        saved = main(base_args(tiny_bert_dir, tmp_path / "glue", tmp_path / disjoint, "sst2", "lora", 1) + extra)
+        counts[disjoint] = saved["num_eval_samples"]["train_holdout"]
+    assert counts == {"true": expected, "false": 8}
 
 
 @needs_tucker
