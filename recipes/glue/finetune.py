@@ -35,7 +35,7 @@ from callbacks import AdaLoraAllocatorCallback, CompactProgressCallback, adalora
 from metrics import compute_metrics, majority_baseline, predictions_from_logits
 from peft import AdaLoraConfig, LoraConfig, PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from tasks import TASKS, get_task, held_out_rows, load_glue, shares_text_with, take_rest, take_subset
+from tasks import TASKS, get_task, held_out_rows, load_glue, take_rest, take_subset, without_shared_phrases
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -540,10 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
         split = train.train_test_split(test_size=data_args.holdout_fraction, seed=data_args.train_subset_seed)
         held_out = split["test"]
         if data_args.holdout_disjoint:
-            shares = shares_text_with(split["train"]["sentence1"])
-            held_out = held_out.filter(
-                lambda row: not shares(row["sentence1"]), desc="Held-out rows sharing no phrase"
-            )
+            held_out = without_shared_phrases(held_out, split["train"])
         train, evals = split["train"], {"train_holdout": held_out}
     elif data_args.holdout_rows is not None:
         rest = take_rest(raw["train"], data_args.max_train_samples, data_args.train_subset_seed)

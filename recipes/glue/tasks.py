@@ -286,9 +286,10 @@ def shares_text_with(rows: list[str], min_words: int = 1) -> Callable[[str], boo
     training subset is often a sub- or super-phrase of a row inside it, so scoring it measures recall of training
     text rather than generalization (dev shares no such text with train). Only texts of at least `min_words` words
     are asked about (spans shorter than that are not kept)."""
-    phrases = {words for words in map(_words, rows) if len(words) >= SHARED_PHRASE_WORDS}
+    rows_words = [_words(row) for row in rows]
+    phrases = {words for words in rows_words if len(words) >= SHARED_PHRASE_WORDS}
     spans: set[tuple[str, ...]] = set()  # every contiguous span of every row
-    for words in map(_words, rows):
+    for words in rows_words:
         spans.update(words[i:j] for i in range(len(words)) for j in range(i + max(min_words, 1), len(words) + 1))
 
     def shares(text: str) -> bool:
@@ -301,6 +302,15 @@ def shares_text_with(rows: list[str], min_words: int = 1) -> Callable[[str], boo
     return shares
 
 
+def without_shared_phrases(
+    rows: datasets.Dataset, training_rows: datasets.Dataset, min_words: int = 0
+) -> datasets.Dataset:
+    """`rows` less those whose first sentence shares a phrase with a first sentence of `training_rows`
+    (`shares_text_with`); `min_words`: no row of `rows` is shorter than that (fewer spans to keep)."""
+    shares = shares_text_with(training_rows["sentence1"], min_words)
+    return rows.filter(lambda row: not shares(row["sentence1"]), desc="Held-out rows sharing no phrase")
+
+
 def held_out_rows(
     rest: datasets.Dataset, num_rows: int, min_words: int = 0, disjoint_from: datasets.Dataset | None = None
 ) -> datasets.Dataset:
@@ -309,8 +319,7 @@ def held_out_rows(
     if min_words > 0:
         rest = rest.filter(lambda row: len(row["sentence1"].split()) >= min_words, desc="Held-out rows")
     if disjoint_from is not None:
-        shares = shares_text_with(disjoint_from["sentence1"], min_words)
-        rest = rest.filter(lambda row: not shares(row["sentence1"]), desc="Held-out rows sharing no phrase")
+        rest = without_shared_phrases(rest, disjoint_from, min_words)
     if len(rest) < num_rows:
         raise ValueError(
             f"`--holdout_rows` asks for {num_rows} rows outside the training subset with at least {min_words} words "
