@@ -13,8 +13,9 @@ torchrun --nproc_per_node 2 recipes/glue/finetune.py --config recipes/glue/confi
 ```
 
 Writes to `--output_dir`: `metrics.json` (dev metrics, the majority-class score, trainable parameters, final ranks,
-wall time, versions), `adapter/` (the PEFT adapter with the trained classifier head), `trainer_state.json` (the logs)
-and `ranks.png` (Tucker and AdaLoRA).
+wall time, versions), `predictions.json` (per evaluated split, each row's prediction and label, in row order, for
+`benchmarks/paired_rows.py`), `adapter/` (the PEFT adapter with the trained classifier head), `trainer_state.json`
+(the logs) and `ranks.png` (Tucker and AdaLoRA).
 """
 
 import importlib.metadata
@@ -29,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import datasets
+import numpy as np
 import torch
 import transformers
 from callbacks import AdaLoraAllocatorCallback, CompactProgressCallback, adalora_ranks
@@ -36,6 +38,7 @@ from metrics import compute_metrics, majority_baseline, predictions_from_logits
 from peft import AdaLoraConfig, LoraConfig, PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tasks import TASKS, get_task, held_out_rows, load_glue, take_rest, take_subset, without_shared_phrases
+from torch.utils.data import SequentialSampler
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -495,6 +498,14 @@ def adapter_fingerprint(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum().item() for p in model.parameters() if p.requires_grad))
 
 
+def write_json_atomically(path: str, value: object, indent: int | None = 2) -> None:
+    """Write `value` as JSON to `path` through a temporary file: an interrupted write leaves no truncated file."""
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=indent, default=str)
+    os.replace(partial, path)
+
+
 def gather_across_processes(value: object) -> list[object]:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [value]
@@ -504,7 +515,8 @@ def gather_across_processes(value: object) -> list[object]:
 
 
 class GlueTrainer(Trainer):
-    """Trainer's AdamW, with the Tucker cores in parameter groups of their own at `core_lr_ratio` times the rate."""
+    """Trainer's AdamW, with the Tucker cores in parameter groups of their own at `core_lr_ratio` times the rate, and
+    evaluation in row order."""
 
     def __init__(self, *args, core_lr_ratio: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -521,6 +533,14 @@ class GlueTrainer(Trainer):
                     group["params"] = [p for p in group["params"] if id(p) not in cores]
                     optimizer.add_param_group({**group, "params": moved, "lr": group["lr"] * self.core_lr_ratio})
         return optimizer
+
+    def _get_eval_sampler(self, eval_dataset) -> torch.utils.data.Sampler | None:
+        # Trainer groups evaluation rows by length (in a seeded random order) when training does: same scores, but
+        # predictions.json must list the rows in their order, the same for every seed and method. One process:
+        # sequential; several: None, Accelerate's sequential shards, which gathering puts back in order.
+        if eval_dataset is None:
+            return None
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -607,10 +627,17 @@ def main(argv: list[str] | None = None) -> dict:
     if adapter_args.method == "adalora" and trainer.state.global_step != total_steps:
         logger.warning("AdaLoRA's total_step was %d but training took %d", total_steps, trainer.state.global_step)
 
-    results = {}
+    results, row_predictions = {}, {}
     for name, ds in evals.items():
-        scores = trainer.evaluate(eval_dataset=ds, metric_key_prefix=name)
-        results[name] = {metric: scores[f"{name}_{metric}"] for metric in task.metrics}
+        output = trainer.predict(ds, metric_key_prefix=name)
+        trainer.log(output.metrics)  # what `trainer.evaluate` logs, so trainer_state.json keeps the scores
+        results[name] = {metric: output.metrics[f"{name}_{metric}"] for metric in task.metrics}
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        # per row, so that two methods can be compared on the same rows (benchmarks/paired_rows.py)
+        row_predictions[name] = {
+            "predictions": predictions_from_logits(task.name, logits).tolist(),
+            "labels": np.asarray(output.label_ids).tolist(),
+        }
     main_split = next(iter(evals))
 
     counts = parameter_counts(model, adapter_args.method)
@@ -674,8 +701,8 @@ def main(argv: list[str] | None = None) -> dict:
             plot = plot_adalora_budget(callbacks[0].history, os.path.join(out, "ranks.png"))
         report["rank_plot"] = None if plot is None else str(plot)
         report["wall_time_s"] = time.perf_counter() - start
-        with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, default=str)
+        write_json_atomically(os.path.join(out, "predictions.json"), row_predictions, indent=None)
+        write_json_atomically(os.path.join(out, "metrics.json"), report)
         main_value = report["main_metric"]["value"]
         budget_line = ""
         if param_budget is not None:

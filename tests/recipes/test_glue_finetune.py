@@ -189,6 +189,27 @@ def test_holdout_evaluates_on_train_part(tiny_bert_dir: Path, glue_dir: Path, tm
     saved = main(base_args(tiny_bert_dir, glue_dir, out, "sst2", "lora", 2) + ["--holdout_fraction", "0.25"])
     assert saved["num_train_samples"] == 24 and saved["num_eval_samples"] == {"train_holdout": 8}
     assert saved["main_metric"]["split"] == "train_holdout"
+    # each row's prediction and label, in row order: the saved score is theirs
+    rows = json.loads((out / "predictions.json").read_text())["train_holdout"]
+    assert len(rows["predictions"]) == len(rows["labels"]) == 8
+    accuracy = np.mean(np.array(rows["predictions"]) == np.array(rows["labels"]))
+    assert saved["main_metric"]["value"] == pytest.approx(accuracy)
+    assert any("train_holdout_accuracy" in entry for entry in saved_history(out))  # still logged as evaluate did
+
+
+def test_predictions_follow_the_rows_order_under_length_grouping(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
+    """Trainer evaluates in a seeded, length-grouped order when training groups by length; predictions.json must
+    still list the rows in their order, so that runs of other seeds and methods pair row by row."""
+    from tasks import load_glue
+
+    extra = ["--train_sampling_strategy", "group_by_length", "--per_device_eval_batch_size", "4"]
+    main(base_args(tiny_bert_dir, glue_dir, tmp_path / "grouped", "sst2", "lora", 2) + extra)
+    saved = json.loads((tmp_path / "grouped" / "predictions.json").read_text())["validation"]
+    assert saved["labels"] == list(load_glue("sst2", glue_dir)["validation"]["label"])
+
+
+def saved_history(out: Path) -> list[dict]:
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
 
 
 def test_holdout_rows_come_from_outside_the_training_subset(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):

@@ -40,8 +40,15 @@ def check_agreement(saved: dict) -> None:
 
 
 def test_lora_two_processes(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
-    saved = run_torchrun(tiny_bert_dir, glue_dir, tmp_path / "lora", "lora", ["--rank", "4"])
+    # evaluation batches of 5 split the 12 dev rows unevenly over the processes; predictions.json keeps row order
+    extra = ["--rank", "4", "--train_sampling_strategy", "group_by_length", "--per_device_eval_batch_size", "5"]
+    saved = run_torchrun(tiny_bert_dir, glue_dir, tmp_path / "lora", "lora", extra)
     check_agreement(saved)
+    from tasks import load_glue
+
+    rows = json.loads((tmp_path / "lora" / "predictions.json").read_text())["validation"]
+    assert rows["labels"] == list(load_glue("rte", glue_dir)["validation"]["label"])
+    assert len(rows["predictions"]) == 12
 
 
 @needs_tucker
