@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_quality_plot import plot_loss_curves, plot_quality  # noqa: E402  (a sibling file, not a package)
+from paired_rows import compare, load_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "glue" / "finetune.py"
@@ -346,8 +347,23 @@ def paired_vs_lora(runs: list[dict], preset: dict) -> dict:
         if diffs:
             paired[f"{task}/{method}"] = {
                 "task": task, "method": method, "difference": summarize(diffs), "wins": sum(d >= 0 for d in diffs),
+                "se_over_rows": rows_standard_error(runs, task, method),
             }  # fmt: skip
     return paired
+
+
+def rows_standard_error(runs: list[dict], task: str, method: str) -> float | None:
+    """The standard error over the evaluation rows of the seed-averaged gap to LoRA r=8 (a paired bootstrap,
+    `paired_rows.py`): the seeds do not resample the rows, so it is the part of the gap that another sample of rows
+    of the same kind could move. `None` when a run lacks per-row predictions (recipes before 2026-12-07)."""
+    mine = {r["seed"]: r for r in runs if r["task"] == task and r["method"] == method}
+    lora = {r["seed"]: r for r in runs if r["task"] == task and r["method"] == "lora"}
+    seeds = sorted(set(mine) & set(lora))
+    folders = [Path(side[seed].get("output_dir", "")) for seed in seeds for side in (mine, lora)]
+    if not all((folder / "predictions.json").is_file() for folder in folders):
+        return None
+    pairs = [(load_run(str(mine[seed]["output_dir"])), load_run(str(lora[seed]["output_dir"]))) for seed in seeds]
+    return compare(pairs, pairs[0][0]["eval_on"])["gap_se_over_rows"]
 
 
 def markdown(record: dict) -> str:
@@ -387,12 +403,14 @@ def markdown(record: dict) -> str:
     paired = record["summary"].get("paired_vs_lora")
     if paired:
         lines += ["", "Paired against LoRA r=8 on the same seeds (score minus LoRA r=8's):", "",
-                  "| task | method | mean +- std of the difference (points) | seeds at or above LoRA r=8 |",
-                  "|---|---|---|---|"]  # fmt: skip
+                  "| task | method | mean +- std of the difference (points) | seeds at or above LoRA r=8 "
+                  "| standard error of the mean over the rows |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         for cell in paired.values():
-            d = cell["difference"]
+            d, se = cell["difference"], cell.get("se_over_rows")
+            se = "-" if se is None else f"{100 * se:.2f}"
             lines.append(f"| {cell['task']} | {cell['method']} | {100 * d['mean']:+.2f} +- {100 * d['std']:.2f} "
-                         f"| {cell['wins']} of {d['n']} |")  # fmt: skip
+                         f"| {cell['wins']} of {d['n']} | {se} |")  # fmt: skip
     if record["summary"]["goal"] is not None:
         lines += ["", f"Goal check: {record['summary']['goal']}"]
     selection = record.get("selection")

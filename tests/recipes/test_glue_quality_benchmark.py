@@ -143,7 +143,36 @@ def test_paired_differences_against_lora_use_the_same_seeds():
     record = {"preset": "t", "model": "m", "seeds": [0, 1, 2, 3], "notes": "", "common": {}, "method_settings": {},
               "method_settings_source": "s", "environment": {"commit": "c", "date": "d"},
               "summary": summary}  # fmt: skip
-    assert "| sst2 | tucker | +0.33 +- 1.53 | 2 of 3 |" in glue_quality.markdown(record)
+    assert "| sst2 | tucker | +0.33 +- 1.53 | 2 of 3 | - |" in glue_quality.markdown(record)  # no per-row files
+
+
+def test_paired_differences_carry_the_rows_standard_error(tmp_path: Path):
+    """Runs with per-row predictions: the paired cell adds the gap's standard error over the rows (a paired
+    bootstrap), which for accuracy is close to the closed form, the std of the seed-averaged per-row difference
+    over sqrt(rows)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 1500)
+    runs, correct = [], {"tucker": [], "lora": []}
+    for method, rate in (("tucker", 0.85), ("lora", 0.8)):
+        for seed in (0, 1):
+            right = rng.random(labels.size) < rate
+            correct[method].append(right)
+            folder = tmp_path / method / str(seed)
+            folder.mkdir(parents=True)
+            (folder / "metrics.json").write_text(json.dumps({
+                "task": "sst2", "method": method, "seed": seed, "eval_on": "validation",
+                "main_metric": {"name": "accuracy", "split": "validation", "value": float(right.mean())},
+            }))  # fmt: skip
+            predictions = np.where(right, labels, 1 - labels).tolist()
+            rows = {"validation": {"predictions": predictions, "labels": labels.tolist()}}
+            (folder / "predictions.json").write_text(json.dumps(rows))
+            runs.append({**fake_run("sst2", method, seed, float(right.mean()), 700), "output_dir": str(folder)})
+    summary = glue_quality.aggregate(runs, {"tasks": {"sst2": {}}, "methods": ["tucker", "lora"]})
+    per_row = np.mean([a.astype(float) - b for a, b in zip(correct["tucker"], correct["lora"])], axis=0)
+    closed_form = per_row.std(ddof=1) / np.sqrt(labels.size)
+    assert summary["paired_vs_lora"]["sst2/tucker"]["se_over_rows"] == pytest.approx(closed_form, rel=0.1)
 
 
 @pytest.mark.slow  # two recipe processes: about 20 s on an idle 2-core machine, much more under load
