@@ -275,7 +275,7 @@ def eval_stage(
         runs.append({
             "task": task, "method": method, "seed": seed, "metric": metrics["main_metric"]["name"],
             "value": metrics["main_metric"]["value"], "all_metrics": metrics["metrics"],
-            "majority": majority_score(metrics),
+            "majority": majority_score(metrics), "split": metrics["main_metric"]["split"],
             "active_trainable_parameters": metrics["active_trainable_parameters"],
             "trainable_parameters": metrics["trainable_parameters"],
             "lora_r8_parameters": metrics["lora_r8_parameters"], "final_ranks": metrics["final_ranks"],
@@ -302,6 +302,7 @@ def aggregate(runs: list[dict], preset: dict) -> dict:
             "active_trainable_parameters": summarize([r["active_trainable_parameters"] for r in cell]),
             "lora_r8_parameters": cell[0]["lora_r8_parameters"],
             "majority_score": cell[0].get("majority"),
+            "split": cell[0].get("split", "validation"),  # records before 2026-12-07 scored on dev only
             "wall_time_s": summarize([r["wall_time_s"] for r in cell]),
         }  # fmt: skip
         if all(r.get("lora_r8_adapter_parameters") for r in cell):
@@ -366,6 +367,13 @@ def rows_standard_error(runs: list[dict], task: str, method: str) -> float | Non
     return compare(pairs, pairs[0][0]["eval_on"])["gap_se_over_rows"]
 
 
+def split_name(split: str) -> str:
+    """How the table names a run's evaluation split: dev (GLUE's validation splits) or the held-out training rows."""
+    if split.startswith("validation"):
+        return "dev"
+    return "held-out training rows" if split == "train_holdout" else split
+
+
 def markdown(record: dict) -> str:
     lines = [
         f"# GLUE quality, preset `{record['preset']}`",
@@ -375,16 +383,17 @@ def markdown(record: dict) -> str:
         f"Common settings: {record['common']}. Per-method settings ({record['method_settings_source']}): "
         f"{record['method_settings']}.",
         "",
-        "| task | metric (majority class) | method | dev score mean +- std (median) "
+        "| task | metric (majority class) | method | evaluated on | score mean +- std (median) "
         "| active trainable params (% of LoRA r=8) | wall time per run (s) |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for cell in record["summary"]["cells"].values():
         s, p, w = cell["score"], cell["active_trainable_parameters"], cell["wall_time_s"]
         majority = cell.get("majority_score")
         metric = cell["metric"] + ("" if majority is None else f" ({100 * majority:.2f})")
         lines.append(
-            f"| {cell['task']} | {metric} | {cell['method']} | {100 * s['mean']:.2f} +- {100 * s['std']:.2f} "
+            f"| {cell['task']} | {metric} | {cell['method']} | {split_name(cell.get('split', 'validation'))} "
+            f"| {100 * s['mean']:.2f} +- {100 * s['std']:.2f} "
             f"({100 * s['median']:.2f}) | {p['mean']:,.0f} ({100 * p['mean'] / cell['lora_r8_parameters']:.0f}%) "
             f"| {w['mean']:.0f} +- {w['std']:.0f} |"
         )

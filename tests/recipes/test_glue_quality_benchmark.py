@@ -119,8 +119,8 @@ def test_aggregate_means_stds_and_goal(tmp_path: Path):
                   {"method": "tucker", "candidate": {"tau": 0.25}, "mean_holdout": 0.8512,
                    "active_fraction_of_lora_r8": 0.583}]}}  # fmt: skip
     table = glue_quality.markdown(record)
-    assert "| rte | accuracy | tucker | 70.00 +- 10.00 (70.00) | 600 (60%) | 11 +- 1 |" in table
-    assert "| sst2 | accuracy (51.23) | lora | 60.00 +- 10.00 (60.00) | 1,000 (100%) | 11 +- 1 |" in table
+    assert "| rte | accuracy | tucker | dev | 70.00 +- 10.00 (70.00) | 600 (60%) | 11 +- 1 |" in table
+    assert "| sst2 | accuracy (51.23) | lora | dev | 60.00 +- 10.00 (60.00) | 1,000 (100%) | 11 +- 1 |" in table
     assert "| tucker | 70.00 | 60% | - |" in table  # runs without adapter-only counts
     assert "| tucker | {'tau': 0.25} | 85.12 | 58% |" in table
     figure = glue_quality.plot_quality(summary, tmp_path / "quality.png", "t")
@@ -168,11 +168,21 @@ def test_paired_differences_carry_the_rows_standard_error(tmp_path: Path):
             predictions = np.where(right, labels, 1 - labels).tolist()
             rows = {"validation": {"predictions": predictions, "labels": labels.tolist()}}
             (folder / "predictions.json").write_text(json.dumps(rows))
-            runs.append({**fake_run("sst2", method, seed, float(right.mean()), 700), "output_dir": str(folder)})
+            run = fake_run("sst2", method, seed, float(right.mean()), 700)
+            runs.append({**run, "output_dir": str(folder), "split": "train_holdout"})
     summary = glue_quality.aggregate(runs, {"tasks": {"sst2": {}}, "methods": ["tucker", "lora"]})
     per_row = np.mean([a.astype(float) - b for a, b in zip(correct["tucker"], correct["lora"])], axis=0)
     closed_form = per_row.std(ddof=1) / np.sqrt(labels.size)
-    assert summary["paired_vs_lora"]["sst2/tucker"]["se_over_rows"] == pytest.approx(closed_form, rel=0.1)
+    se = summary["paired_vs_lora"]["sst2/tucker"]["se_over_rows"]
+    assert se == pytest.approx(closed_form, rel=0.1)
+    record = {"preset": "t", "model": "m", "seeds": [0, 1], "notes": "", "common": {}, "method_settings": {},
+              "method_settings_source": "s", "environment": {"commit": "c", "date": "d"},
+              "summary": summary}  # fmt: skip
+    table = glue_quality.markdown(record)
+    assert (
+        "| sst2 | accuracy | tucker | held-out training rows |" in table
+    )  # not "dev": the runs say where they scored
+    assert f"of 2 | {100 * se:.2f} |" in table  # the paired table's last column
 
 
 @pytest.mark.slow  # two recipe processes: about 20 s on an idle 2-core machine, much more under load
