@@ -40,7 +40,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from glue_quality_plot import plot_loss_curves, plot_quality  # noqa: E402  (a sibling file, not a package)
+from glue_quality_plot import plot_loss_curves, plot_paired, plot_quality  # noqa: E402  (a sibling file, not a package)
 from paired_rows import compare, load_run  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -343,12 +343,13 @@ def paired_vs_lora(runs: list[dict], preset: dict) -> dict:
         if method == "lora":
             continue
         lora = {r["seed"]: r["value"] for r in runs if r["task"] == task and r["method"] == "lora"}
-        diffs = [r["value"] - lora[r["seed"]] for r in runs
-                 if r["task"] == task and r["method"] == method and r["seed"] in lora]  # fmt: skip
+        per_seed = {r["seed"]: r["value"] - lora[r["seed"]] for r in runs
+                    if r["task"] == task and r["method"] == method and r["seed"] in lora}  # fmt: skip
+        diffs = list(per_seed.values())
         if diffs:
             paired[f"{task}/{method}"] = {
                 "task": task, "method": method, "difference": summarize(diffs), "wins": sum(d >= 0 for d in diffs),
-                "se_over_rows": rows_standard_error(runs, task, method),
+                "per_seed": per_seed, "se_over_rows": rows_standard_error(runs, task, method),
             }  # fmt: skip
     return paired
 
@@ -401,6 +402,8 @@ def markdown(record: dict) -> str:
         lines += ["", f"![score against parameters]({record['figure']})"]
     if record.get("loss_figure"):
         lines += ["", f"![training loss]({record['loss_figure']})"]
+    if record.get("paired_figure"):
+        lines += ["", f"![paired against LoRA r=8]({record['paired_figure']})"]
     header = "| method | mean score over tasks | active params / LoRA r=8 | adapter only (no head) / LoRA r=8's |"
     lines += ["", header, "|---|---|---|---|"]
     for method, o in record["summary"]["overall"].items():
@@ -508,6 +511,8 @@ def main(argv: list[str] | None = None) -> dict:
         record["figure"] = str(plot_quality(record["summary"], figure, title).relative_to(results))
         losses = plot_loss_curves(runs, results / f"glue_quality_{name}_loss.png", f"training loss, preset {name}")
         record["loss_figure"] = None if losses is None else str(losses.relative_to(results))
+        paired = plot_paired(record["summary"], results / f"glue_quality_{name}_paired.png", f"preset {name}")
+        record["paired_figure"] = None if paired is None else str(paired.relative_to(results))
     (results / f"glue_quality_{name}.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     (results / f"glue_quality_{name}.md").write_text(markdown(record), encoding="utf-8")
     print(markdown(record))

@@ -139,6 +139,7 @@ def test_paired_differences_against_lora_use_the_same_seeds():
     assert cell["difference"]["n"] == 3 and cell["wins"] == 2  # -0.01, +0.02, 0.00
     assert cell["difference"]["mean"] == pytest.approx(0.01 / 3)
     assert cell["difference"]["std"] == pytest.approx(statistics.stdev([-0.01, 0.02, 0.0]))
+    assert cell["per_seed"] == pytest.approx({0: -0.01, 1: 0.02, 2: 0.0})
     assert "sst2/lora" not in summary["paired_vs_lora"]
     record = {"preset": "t", "model": "m", "seeds": [0, 1, 2, 3], "notes": "", "common": {}, "method_settings": {},
               "method_settings_source": "s", "environment": {"commit": "c", "date": "d"},
@@ -183,6 +184,9 @@ def test_paired_differences_carry_the_rows_standard_error(tmp_path: Path):
         "| sst2 | accuracy | tucker | held-out training rows |" in table
     )  # not "dev": the runs say where they scored
     assert f"of 2 | {100 * se:.2f} |" in table  # the paired table's last column
+    figure = glue_quality.plot_paired(summary, tmp_path / "paired.png", "t")
+    assert figure.stat().st_size > 0
+    assert glue_quality.plot_paired({"paired_vs_lora": {}}, tmp_path / "none.png", "t") is None
 
 
 @pytest.mark.slow  # two recipe processes: about 20 s on an idle 2-core machine, much more under load
