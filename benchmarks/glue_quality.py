@@ -342,30 +342,29 @@ def paired_vs_lora(runs: list[dict], preset: dict) -> dict:
     for task, method in itertools.product(preset["tasks"], preset["methods"]):
         if method == "lora":
             continue
-        lora = {r["seed"]: r["value"] for r in runs if r["task"] == task and r["method"] == "lora"}
-        per_seed = {r["seed"]: r["value"] - lora[r["seed"]] for r in runs
-                    if r["task"] == task and r["method"] == method and r["seed"] in lora}  # fmt: skip
+        lora = {r["seed"]: r for r in runs if r["task"] == task and r["method"] == "lora"}
+        pairs = [(r, lora[r["seed"]]) for r in runs
+                 if r["task"] == task and r["method"] == method and r["seed"] in lora]  # fmt: skip
+        per_seed = {mine["seed"]: mine["value"] - theirs["value"] for mine, theirs in pairs}
         diffs = list(per_seed.values())
         if diffs:
             paired[f"{task}/{method}"] = {
                 "task": task, "method": method, "difference": summarize(diffs), "wins": sum(d >= 0 for d in diffs),
-                "per_seed": per_seed, "se_over_rows": rows_standard_error(runs, task, method),
+                "per_seed": per_seed, "se_over_rows": rows_standard_error(pairs),
             }  # fmt: skip
     return paired
 
 
-def rows_standard_error(runs: list[dict], task: str, method: str) -> float | None:
-    """The standard error over the evaluation rows of the seed-averaged gap to LoRA r=8 (a paired bootstrap,
-    `paired_rows.py`): the seeds do not resample the rows, so it is the part of the gap that another sample of rows
-    of the same kind could move. `None` when a run lacks per-row predictions (recipes before 2026-12-07)."""
-    mine = {r["seed"]: r for r in runs if r["task"] == task and r["method"] == method}
-    lora = {r["seed"]: r for r in runs if r["task"] == task and r["method"] == "lora"}
-    seeds = sorted(set(mine) & set(lora))
-    folders = [Path(side[seed].get("output_dir", "")) for seed in seeds for side in (mine, lora)]
+def rows_standard_error(pairs: list[tuple[dict, dict]]) -> float | None:
+    """The standard error over the evaluation rows of the seed-averaged gap between the `(method, LoRA r=8)` runs of
+    `pairs` (a paired bootstrap, `paired_rows.py`): the seeds do not resample the rows, so it is the part of the gap
+    that another sample of rows of the same kind could move. `None` when a run lacks per-row predictions (recipes
+    before 2026-12-07)."""
+    folders = [Path(run.get("output_dir", "")) for pair in pairs for run in pair]
     if not all((folder / "predictions.json").is_file() for folder in folders):
         return None
-    pairs = [(load_run(str(mine[seed]["output_dir"])), load_run(str(lora[seed]["output_dir"]))) for seed in seeds]
-    return compare(pairs, pairs[0][0]["eval_on"])["gap_se_over_rows"]
+    loaded = [(load_run(mine["output_dir"]), load_run(theirs["output_dir"])) for mine, theirs in pairs]
+    return compare(loaded, loaded[0][0]["eval_on"])["gap_se_over_rows"]
 
 
 def split_name(split: str) -> str:

@@ -33,6 +33,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "recipes" / "glue"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_report  # noqa: E402  (a sibling file, not a package)
 from metrics import METRICS  # noqa: E402  (the recipe's metrics, so the scores are the recipe's own)
 from tasks import get_task  # noqa: E402
 
@@ -42,14 +44,14 @@ def load_run(folder: str) -> dict:
     path = Path(folder)
     for name in ("metrics.json", "predictions.json"):
         if not (path / name).is_file():
-            hint = " (runs of the recipe before 2026-12-07 did not write it; rerun them)" if name[0] == "p" else ""
+            old = name == "predictions.json"
+            hint = " (runs of the recipe before 2026-12-07 did not write it; rerun them)" if old else ""
             raise FileNotFoundError(f"`--runs`/`--against` folder {folder} has no {name}{hint}")
     metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
     predictions = json.loads((path / "predictions.json").read_text(encoding="utf-8"))
     return {
         "folder": str(path), "seed": metrics["seed"], "method": metrics["method"], "task": metrics["task"],
         "metric": metrics["main_metric"]["name"], "eval_on": metrics["eval_on"], "splits": predictions,
-        "active_fraction_of_lora": metrics.get("active_fraction_of_lora"),
     }  # fmt: skip
 
 
@@ -184,13 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "against_label": against_label, "runs": [p[0]["folder"] for p in pairs],
         "against": [p[1]["folder"] for p in pairs], "result": result,
     }  # fmt: skip
-    text = markdown(result, label, against_label)
-    print(text)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        args.output.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
-        print(f"\nwrote {args.output} and {args.output.with_suffix('.md')}")
+    write_report(report, markdown(result, label, against_label), args.output)
     return report
 
 

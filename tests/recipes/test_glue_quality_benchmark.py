@@ -180,9 +180,8 @@ def test_paired_differences_carry_the_rows_standard_error(tmp_path: Path):
               "method_settings_source": "s", "environment": {"commit": "c", "date": "d"},
               "summary": summary}  # fmt: skip
     table = glue_quality.markdown(record)
-    assert (
-        "| sst2 | accuracy | tucker | held-out training rows |" in table
-    )  # not "dev": the runs say where they scored
+    # not "dev": the runs say where they scored
+    assert "| sst2 | accuracy | tucker | held-out training rows |" in table
     assert f"of 2 | {100 * se:.2f} |" in table  # the paired table's last column
     figure = glue_quality.plot_paired(summary, tmp_path / "paired.png", "t")
     assert figure.stat().st_size > 0
