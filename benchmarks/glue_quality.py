@@ -305,6 +305,9 @@ def aggregate(runs: list[dict], preset: dict) -> dict:
             "split": cell[0].get("split", "validation"),  # records before 2026-12-07 scored on dev only
             "wall_time_s": summarize([r["wall_time_s"] for r in cell]),
         }  # fmt: skip
+        aucs = [roc_auc_of(r) for r in cell]
+        if all(a is not None for a in aucs):  # two-class tasks, recipes since 2026-12-07
+            table[f"{task}/{method}"]["roc_auc"] = summarize(aucs)
         if all(r.get("lora_r8_adapter_parameters") for r in cell):
             table[f"{task}/{method}"]["adapter_fraction_of_lora_r8"] = statistics.fmean(
                 r["active_adapter_parameters"] / r["lora_r8_adapter_parameters"] for r in cell
@@ -334,6 +337,11 @@ def aggregate(runs: list[dict], preset: dict) -> dict:
     return {"cells": table, "overall": overall, "goal": goal, "paired_vs_lora": paired_vs_lora(runs, preset)}
 
 
+def roc_auc_of(run: dict) -> float | None:
+    """A run's ROC AUC on its main split (the recipe writes it for two-class tasks), else None."""
+    return run.get("all_metrics", {}).get(run.get("split", "validation"), {}).get("roc_auc")
+
+
 def paired_vs_lora(runs: list[dict], preset: dict) -> dict:
     """Per task and method, the score minus LoRA r=8's (`lora`) on the same seed, over the seeds both ran: a method
     and LoRA share the data order and subset of a seed, so the paired difference has far less spread than the two
@@ -352,19 +360,27 @@ def paired_vs_lora(runs: list[dict], preset: dict) -> dict:
                 "task": task, "method": method, "difference": summarize(diffs), "wins": sum(d >= 0 for d in diffs),
                 "per_seed": per_seed, "se_over_rows": rows_standard_error(pairs),
             }  # fmt: skip
+            auc_diffs = [roc_auc_of(mine) - roc_auc_of(theirs) for mine, theirs in pairs
+                         if roc_auc_of(mine) is not None and roc_auc_of(theirs) is not None]  # fmt: skip
+            if len(auc_diffs) == len(pairs):  # threshold-free: the ranking of the rows, not the decision threshold
+                paired[f"{task}/{method}"]["roc_auc"] = {
+                    "difference": summarize(auc_diffs),
+                    "wins": sum(d >= 0 for d in auc_diffs),
+                    "se_over_rows": rows_standard_error(pairs, "roc_auc"),
+                }
     return paired
 
 
-def rows_standard_error(pairs: list[tuple[dict, dict]]) -> float | None:
+def rows_standard_error(pairs: list[tuple[dict, dict]], metric: str | None = None) -> float | None:
     """The standard error over the evaluation rows of the seed-averaged gap between the `(method, LoRA r=8)` runs of
     `pairs` (a paired bootstrap, `paired_rows.py`): the seeds do not resample the rows, so it is the part of the gap
     that another sample of rows of the same kind could move. `None` when a run lacks per-row predictions (recipes
-    before 2026-12-07)."""
+    before 2026-12-07). `metric`: the task's main one by default, or `roc_auc`."""
     folders = [Path(run.get("output_dir", "")) for pair in pairs for run in pair]
     if not all((folder / "predictions.json").is_file() for folder in folders):
         return None
     loaded = [(load_run(mine["output_dir"]), load_run(theirs["output_dir"])) for mine, theirs in pairs]
-    return compare(loaded, loaded[0][0]["eval_on"])["gap_se_over_rows"]
+    return compare(loaded, loaded[0][0]["eval_on"], metric_name=metric)["gap_se_over_rows"]
 
 
 def split_name(split: str) -> str:
@@ -383,18 +399,20 @@ def markdown(record: dict) -> str:
         f"Common settings: {record['common']}. Per-method settings ({record['method_settings_source']}): "
         f"{record['method_settings']}.",
         "",
-        "| task | metric (majority class) | method | evaluated on | score mean +- std (median) "
+        "| task | metric (majority class) | method | evaluated on | score mean +- std (median) | ROC AUC mean +- std "
         "| active trainable params (% of LoRA r=8) | wall time per run (s) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for cell in record["summary"]["cells"].values():
         s, p, w = cell["score"], cell["active_trainable_parameters"], cell["wall_time_s"]
-        majority = cell.get("majority_score")
+        majority, auc = cell.get("majority_score"), cell.get("roc_auc")
+        auc = "-" if auc is None else f"{100 * auc['mean']:.2f} +- {100 * auc['std']:.2f}"
         metric = cell["metric"] + ("" if majority is None else f" ({100 * majority:.2f})")
         lines.append(
             f"| {cell['task']} | {metric} | {cell['method']} | {split_name(cell.get('split', 'validation'))} "
             f"| {100 * s['mean']:.2f} +- {100 * s['std']:.2f} "
-            f"({100 * s['median']:.2f}) | {p['mean']:,.0f} ({100 * p['mean'] / cell['lora_r8_parameters']:.0f}%) "
+            f"({100 * s['median']:.2f}) | {auc} "
+            f"| {p['mean']:,.0f} ({100 * p['mean'] / cell['lora_r8_parameters']:.0f}%) "
             f"| {w['mean']:.0f} +- {w['std']:.0f} |"
         )
     if record.get("figure"):
@@ -415,13 +433,18 @@ def markdown(record: dict) -> str:
     if paired:
         lines += ["", "Paired against LoRA r=8 on the same seeds (score minus LoRA r=8's):", "",
                   "| task | method | mean +- std of the difference (points) | seeds at or above LoRA r=8 "
-                  "| standard error of the mean over the rows |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+                  "| standard error of the mean over the rows | ROC AUC difference: mean +- std (seeds at or above; "
+                  "s.e. over the rows) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for cell in paired.values():
-            d, se = cell["difference"], cell.get("se_over_rows")
+            d, se, auc = cell["difference"], cell.get("se_over_rows"), cell.get("roc_auc")
             se = "-" if se is None else f"{100 * se:.2f}"
+            if auc is not None:
+                a, auc_se = auc["difference"], auc["se_over_rows"]
+                auc_se = "-" if auc_se is None else f"{100 * auc_se:.2f}"
+                auc = f"{100 * a['mean']:+.2f} +- {100 * a['std']:.2f} ({auc['wins']} of {a['n']}; {auc_se})"
             lines.append(f"| {cell['task']} | {cell['method']} | {100 * d['mean']:+.2f} +- {100 * d['std']:.2f} "
-                         f"| {cell['wins']} of {d['n']} | {se} |")  # fmt: skip
+                         f"| {cell['wins']} of {d['n']} | {se} | {auc or '-'} |")  # fmt: skip
     if record["summary"]["goal"] is not None:
         lines += ["", f"Goal check: {record['summary']['goal']}"]
     selection = record.get("selection")

@@ -16,7 +16,9 @@ python benchmarks/paired_rows.py --runs 'outputs/sweep/tucker_*' --against 'outp
 ```
 
 Every run is a `recipes/glue/finetune.py` output folder (`metrics.json` and `predictions.json`). The split is the
-runs' main one (`metrics.json`'s `eval_on`) unless `--split` names another; the metric is the task's main one.
+runs' main one (`metrics.json`'s `eval_on`) unless `--split` names another; the metric is the task's main one unless
+`--metric` names another of the task's, or `roc_auc` for a two-class task: the area under the ROC curve of the rows'
+scores (the logit margins the recipe writes since 2026-12-07), which does not depend on the decision threshold.
 """
 
 from __future__ import annotations
@@ -73,9 +75,11 @@ def pair_by_seed(runs: list[dict], against: list[dict]) -> list[tuple[dict, dict
     return [(mine[seed], theirs[seed]) for seed in sorted(mine)]
 
 
-def rows_of(pairs: list[tuple[dict, dict]], split: str) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """The split's labels (checked equal in every run: the same rows in the same order) and each side's
-    predictions per pair."""
+def rows_of(
+    pairs: list[tuple[dict, dict]], split: str, field: str = "predictions"
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """The split's labels (checked equal in every run: the same rows in the same order) and each side's per-row
+    `field` (`predictions`, or `scores` for ROC AUC) per pair."""
     labels = None
     for run in (run for pair in pairs for run in pair):
         if split not in run["splits"]:
@@ -88,8 +92,13 @@ def rows_of(pairs: list[tuple[dict, dict]], split: str) -> tuple[np.ndarray, lis
                 f"runs must be evaluated on the same rows; the labels of {split!r} differ between {first} and "
                 f"{run['folder']} ({labels.shape[0]} and {mine.shape[0]} rows)"
             )
-    predictions = [[np.asarray(run["splits"][split]["predictions"]) for run in pair] for pair in pairs]
-    return labels, [p[0] for p in predictions], [p[1] for p in predictions]
+        if field not in run["splits"][split]:
+            raise ValueError(
+                f"{run['folder']} has no per-row {field} for {split!r} (the recipe writes scores for two-class tasks "
+                "since 2026-12-07; rerun older runs)"
+            )
+    values = [[np.asarray(run["splits"][split][field]) for run in pair] for pair in pairs]
+    return labels, [v[0] for v in values], [v[1] for v in values]
 
 
 def row_bootstrap(metric, labels, runs, against, resamples: int, seed: int) -> np.ndarray:
@@ -106,18 +115,34 @@ def row_bootstrap(metric, labels, runs, against, resamples: int, seed: int) -> n
     return gaps
 
 
-def compare(pairs: list[tuple[dict, dict]], split: str, resamples: int = 2000, seed: int = 0) -> dict:
+def metric_of(task_name: str, name: str | None) -> str:
+    """The metric to compare: `name` if the task has it (its GLUE metrics, or `roc_auc` for a two-class task), else
+    a clear error; `None`: the task's main metric."""
+    task = get_task(task_name)
+    if name is None:
+        return task.main_metric
+    allowed = list(task.metrics) + (["roc_auc"] if task.num_labels == 2 else [])
+    if name not in allowed:
+        raise ValueError(f"`--metric` must be one of {task_name}'s {allowed}; got {name!r}")
+    return name
+
+
+def compare(
+    pairs: list[tuple[dict, dict]], split: str, resamples: int = 2000, seed: int = 0, metric_name: str | None = None
+) -> dict:
     """Per-seed scores and gaps on `split`, their mean +- std over seeds, and the gap's standard error over rows."""
-    name = pairs[0][0]["metric"]
+    name = metric_of(pairs[0][0]["task"], metric_name)
     metric = METRICS[name]
-    labels, runs, against = rows_of(pairs, split)
+    labels, runs, against = rows_of(pairs, split, "scores" if name == "roc_auc" else "predictions")
     classes = not get_task(pairs[0][0]["task"]).is_regression
+    predictions = rows_of(pairs, split)[1:] if classes else None
     per_seed = []
-    for (run, other), mine, theirs in zip(pairs, runs, against):
+    for index, ((run, other), mine, theirs) in enumerate(zip(pairs, runs, against)):
         score, reference = metric(mine, labels), metric(theirs, labels)
+        differ = float(np.mean(predictions[0][index] != predictions[1][index])) if classes else None
         per_seed.append({
             "seed": run["seed"], "score": score, "against": reference, "gap": score - reference,
-            "disagreement": float(np.mean(mine != theirs)) if classes else None,
+            "disagreement": differ,
         })  # fmt: skip
     gaps = [p["gap"] for p in per_seed]
     boot = row_bootstrap(metric, labels, runs, against, resamples, seed)
@@ -164,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", nargs="+", required=True, help="run folders (or glob patterns) of the method")
     parser.add_argument("--against", nargs="+", required=True, help="run folders (or patterns) of the reference")
     parser.add_argument("--split", default=None, help="evaluated split to compare; default: the runs' main one")
+    parser.add_argument("--metric", default=None, help="a metric of the task, or roc_auc; default: its main one")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the rows")
     parser.add_argument("--label", default=None, help="name of the method in the table; default: its recipe method")
     parser.add_argument("--against_label", default=None, help="name of the reference; default: its recipe method")
@@ -176,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(tasks) != 1:
         raise ValueError(f"`--runs` and `--against` must be runs of one task; got {sorted(tasks)}")
     split = args.split or pairs[0][0]["eval_on"]
-    result = compare(pairs, split, args.resamples)
+    result = compare(pairs, split, args.resamples, metric_name=args.metric)
     label = args.label or pairs[0][0]["method"]
     against_label = args.against_label or pairs[0][1]["method"]
     if label == against_label:

@@ -12,8 +12,9 @@ python recipes/glue/finetune.py --config recipes/glue/configs/rte.json --method 
 torchrun --nproc_per_node 2 recipes/glue/finetune.py --config recipes/glue/configs/rte.json ...
 ```
 
-Writes to `--output_dir`: `metrics.json` (dev metrics, the majority-class score, trainable parameters, final ranks,
-wall time, versions), `predictions.json` (per evaluated split, each row's prediction and label, in row order, for
+Writes to `--output_dir`: `metrics.json` (dev metrics, for two-class tasks also ROC AUC, the majority-class score,
+trainable parameters, final ranks, wall time, versions), `predictions.json` (per evaluated split, each row's
+prediction, label and, for two-class tasks, score `logit_1 - logit_0`, in row order, for
 `benchmarks/paired_rows.py`), `adapter/` (the PEFT adapter with the trained classifier head), `trainer_state.json`
 (the logs) and `ranks.png` (Tucker and AdaLoRA).
 """
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import transformers
 from callbacks import AdaLoraAllocatorCallback, CompactProgressCallback, adalora_ranks
-from metrics import compute_metrics, majority_baseline, predictions_from_logits
+from metrics import compute_metrics, majority_baseline, predictions_from_logits, roc_auc, scores_from_logits
 from peft import AdaLoraConfig, LoraConfig, PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tasks import TASKS, get_task, held_out_rows, load_glue, take_rest, take_subset, without_shared_phrases
@@ -126,6 +127,13 @@ class DataArguments:
             "help": "With --holdout_rows or --holdout_fraction: leave out held-out rows that share a phrase with the "
             "training rows (contain one of >= 4 words, or lie inside one): SST-2's rows are phrases of the same "
             "parsed sentences, and without this most long held-out rows repeat training text, which dev never does."
+        },
+    )
+    holdout_whole_sentences: bool = field(
+        default=False,
+        metadata={
+            "help": "With --holdout_rows: only rows that lie inside no longer row of the train set, i.e. SST-2's "
+            "whole sentences (its train set also holds every phrase of them); dev's rows are whole sentences."
         },
     )
 
@@ -264,6 +272,8 @@ def check_args(data_args: DataArguments, adapter_args: AdapterArguments, trainin
             raise ValueError("`--holdout_rows` takes rows outside the --max_train_samples subset; set that too")
     if not 0 < adapter_args.core_lr_ratio < math.inf:
         raise ValueError(f"`--core_lr_ratio` must be a finite number > 0; got {adapter_args.core_lr_ratio}")
+    if data_args.holdout_whole_sentences and data_args.holdout_rows is None:
+        raise ValueError("`--holdout_whole_sentences` chooses among the `--holdout_rows`; set that too")
     if data_args.holdout_min_words < 0:
         raise ValueError(f"`--holdout_min_words` must be >= 0; got {data_args.holdout_min_words}")
     for name in ("adalora_tinit", "adalora_tfinal"):
@@ -565,7 +575,8 @@ def main(argv: list[str] | None = None) -> dict:
     elif data_args.holdout_rows is not None:
         rest = take_rest(raw["train"], data_args.max_train_samples, data_args.train_subset_seed)
         disjoint = train if data_args.holdout_disjoint else None
-        held_out = held_out_rows(rest, data_args.holdout_rows, data_args.holdout_min_words, disjoint)
+        whole = raw["train"] if data_args.holdout_whole_sentences else None
+        held_out = held_out_rows(rest, data_args.holdout_rows, data_args.holdout_min_words, disjoint, whole)
         evals = {"train_holdout": held_out}
     else:
         evals = {name: raw[name] for name in task.eval_splits}
@@ -633,11 +644,15 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.log(output.metrics)  # what `trainer.evaluate` logs, so trainer_state.json keeps the scores
         results[name] = {metric: output.metrics[f"{name}_{metric}"] for metric in task.metrics}
         logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        labels = np.asarray(output.label_ids)
         # per row, so that two methods can be compared on the same rows (benchmarks/paired_rows.py)
-        row_predictions[name] = {
-            "predictions": predictions_from_logits(task.name, logits).tolist(),
-            "labels": np.asarray(output.label_ids).tolist(),
-        }
+        row_predictions[name] = {"predictions": predictions_from_logits(task.name, logits).tolist()}
+        scores = scores_from_logits(task.name, logits)
+        if scores is not None:
+            row_predictions[name]["scores"] = [float(f"{x:.6g}") for x in scores]  # ranks kept, file small
+            if len(np.unique(labels)) == 2:  # threshold-free, beside the task's own metrics
+                results[name]["roc_auc"] = roc_auc(scores, labels)
+        row_predictions[name]["labels"] = labels.tolist()
     main_split = next(iter(evals))
 
     counts = parameter_counts(model, adapter_args.method)

@@ -311,19 +311,40 @@ def without_shared_phrases(
     return rows.filter(lambda row: not shares(row["sentence1"]), desc="Held-out rows sharing no phrase")
 
 
+def inside_a_longer_row(rows: list[str], min_words: int = 1) -> Callable[[str], bool]:
+    """A test of whether a text lies inside a longer row of `rows` (whole words, case-insensitive). SST-2's train
+    set holds every phrase of its parsed sentences, so a row that no other row contains is a whole sentence, as
+    dev's rows are. Only texts of at least `min_words` words are asked about (shorter spans are not kept)."""
+    spans: set[tuple[str, ...]] = set()
+    for words in map(_words, rows):
+        spans.update(words[i:j] for i in range(len(words)) for j in range(i + max(min_words, 1), len(words) + 1)
+                     if j - i < len(words))  # fmt: skip
+    return lambda text: _words(text) in spans
+
+
 def held_out_rows(
-    rest: datasets.Dataset, num_rows: int, min_words: int = 0, disjoint_from: datasets.Dataset | None = None
+    rest: datasets.Dataset,
+    num_rows: int,
+    min_words: int = 0,
+    disjoint_from: datasets.Dataset | None = None,
+    whole_sentences_of: datasets.Dataset | None = None,
 ) -> datasets.Dataset:
     """The first `num_rows` rows of `rest` whose first sentence has at least `min_words` words and, with
-    `disjoint_from` (the training rows), shares no phrase with its first sentences (`shares_text_with`)."""
+    `disjoint_from` (the training rows), shares no phrase with its first sentences (`shares_text_with`); with
+    `whole_sentences_of` (the whole train set), lies inside none of its longer rows (`inside_a_longer_row`)."""
     if min_words > 0:
         rest = rest.filter(lambda row: len(row["sentence1"].split()) >= min_words, desc="Held-out rows")
     if disjoint_from is not None:
         rest = without_shared_phrases(rest, disjoint_from, min_words)
+    if whole_sentences_of is not None:
+        inside = inside_a_longer_row(whole_sentences_of["sentence1"], min_words)
+        rest = rest.filter(lambda row: not inside(row["sentence1"]), desc="Held-out whole sentences")
     if len(rest) < num_rows:
+        kinds = (" sharing no phrase with it" if disjoint_from is not None else "") + (
+            ", whole sentences (inside no longer training row)" if whole_sentences_of is not None else ""
+        )
         raise ValueError(
             f"`--holdout_rows` asks for {num_rows} rows outside the training subset with at least {min_words} words "
-            f"(`--holdout_min_words`){' sharing no phrase with it' if disjoint_from is not None else ''}; only "
-            f"{len(rest)} exist"
+            f"(`--holdout_min_words`){kinds}; only {len(rest)} exist"
         )
     return rest.select(range(num_rows))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from finetune import config_to_argv, lora_parameters, main, parse_args
 from glue_fixtures import REPO, WORDS, write_tsv
+from metrics import roc_auc
 
 CONFIGS = REPO / "recipes" / "glue" / "configs"
 
@@ -108,6 +109,7 @@ def test_every_task_config_parses(task: str, tmp_path: Path):
         ("--holdout_rows", "0", r"`--holdout_rows` must be a positive integer; got 0"),
         ("--holdout_rows", "8", r"`--holdout_rows` takes rows outside the --max_train_samples subset"),
         ("--holdout_min_words", "-1", r"`--holdout_min_words` must be >= 0; got -1"),
+        ("--holdout_whole_sentences", "true", r"`--holdout_whole_sentences` chooses among the `--holdout_rows`"),
         ("--core_lr_ratio", "0", r"`--core_lr_ratio` must be a finite number > 0; got 0.0"),
     ],
 )
@@ -141,7 +143,7 @@ def test_lora_on_mrpc(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
     report = main(base_args(tiny_bert_dir, glue_dir, out, "mrpc", "lora", 6) + ["--rank", "8"])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["optimizer_steps"] == 6 and saved["method"] == "lora"
-    assert set(saved["metrics"]["validation"]) == {"accuracy", "f1"}
+    assert set(saved["metrics"]["validation"]) == {"accuracy", "f1", "roc_auc"}  # ROC AUC: two classes
     assert 0.0 <= saved["main_metric"]["value"] <= 1.0
     # true count == r * (in + out) per adapted layer + head: 12 layers of a 2-layer BERT with hidden 32, FFN 64
     per_layer = 8 * (3 * (32 + 32) + (32 + 32) + (32 + 64) + (64 + 32))
@@ -194,6 +196,11 @@ def test_holdout_evaluates_on_train_part(tiny_bert_dir: Path, glue_dir: Path, tm
     assert len(rows["predictions"]) == len(rows["labels"]) == 8
     accuracy = np.mean(np.array(rows["predictions"]) == np.array(rows["labels"]))
     assert saved["main_metric"]["value"] == pytest.approx(accuracy)
+    # a two-class task: each row's score is its logit margin (positive where class 1 is predicted), and ROC AUC of
+    # those scores sits beside the task's metrics
+    scores = np.array(rows["scores"])
+    assert scores.shape == (8,) and ((scores > 0) == (np.array(rows["predictions"]) == 1)).all()
+    assert saved["metrics"]["train_holdout"]["roc_auc"] == pytest.approx(roc_auc(scores, np.array(rows["labels"])))
     assert any("train_holdout_accuracy" in entry for entry in saved_history(out))  # still logged as evaluate did
 
 
@@ -248,6 +255,27 @@ def test_holdout_rows_share_no_phrase_with_the_training_rows():
         held_out_rows(rest, 3, disjoint_from=train)
     # spans shorter than min_words are not kept, and rows that short are filtered out before the test
     assert held_out_rows(rest, 1, min_words=5, disjoint_from=train)["sentence1"] == ["a wholly new sentence here"]
+
+
+def test_holdout_whole_sentences_lie_inside_no_longer_training_row():
+    import datasets
+    from tasks import held_out_rows
+
+    everything = datasets.Dataset.from_dict({"sentence1": [
+        "the cast shines in a film that drags",
+        "a film that drags",  # a phrase of the row above
+        "The Cast Shines",  # also inside it (case-insensitive, whole words)
+        "a quiet and moving portrait of grief",
+        "shines in",
+    ]})  # fmt: skip
+    rest = everything.select([1, 2, 3, 4])
+    kept = held_out_rows(rest, 1, whole_sentences_of=everything)
+    assert kept["sentence1"] == ["a quiet and moving portrait of grief"]
+    with pytest.raises(ValueError, match=r"asks for 2 rows .*, whole sentences \(inside no longer training row\); only 1 exist"):
+        held_out_rows(rest, 2, whole_sentences_of=everything)
+    # "shines in" lies inside the first row as a span of 2 words: with min_words 2 it is still found and left out
+    with pytest.raises(ValueError, match=r"asks for 1 rows .*, whole sentences \(inside no longer training row\); only 0 exist"):
+        held_out_rows(everything.select([4]), 1, min_words=2, whole_sentences_of=everything)
 
 
 def test_holdout_fraction_leaves_out_rows_that_share_a_phrase_with_the_training_part(

@@ -14,6 +14,8 @@ from metrics import (
     matthews_correlation,
     pearson,
     predictions_from_logits,
+    roc_auc,
+    scores_from_logits,
     spearman,
 )
 
@@ -88,3 +90,35 @@ def test_majority_baseline_predicts_the_most_frequent_training_label():
     assert majority_baseline("mrpc", train, np.array([0, 0, 1, 0])) == {"accuracy": 0.25, "f1": pytest.approx(0.4)}
     assert majority_baseline("cola", train, np.array([0, 1, 1]))["matthews_correlation"] == 0.0
     assert majority_baseline("stsb", np.array([1.0, 2.0]), np.array([3.0, 4.0])) is None
+
+
+def test_roc_auc_counts_ordered_pairs_ties_half():
+    """Against the definition: over every (class 1, class 0) pair of rows, 1 when the class-1 row scores higher,
+    1/2 on a tie; the mean of those."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.normal(size=200) + labels, 1)  # rounded: many ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    by_pairs = np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :]))
+    assert roc_auc(scores, labels) == pytest.approx(by_pairs, abs=1e-12)
+    assert roc_auc(np.array([0.1, 0.9, 0.4]), np.array([0, 1, 0])) == 1.0
+    assert roc_auc(np.array([0.9, 0.1]), np.array([0, 1])) == 0.0
+    # only the order matters: a threshold shift that changes the accuracy leaves it as it is
+    assert roc_auc(scores + 3.0, labels) == roc_auc(scores, labels)
+
+
+def test_roc_auc_rejects_what_it_cannot_rank():
+    with pytest.raises(ValueError, match=r"both classes; got 3 of class 1 and 0 of class 0"):
+        roc_auc(np.array([0.1, 0.2, 0.3]), np.array([1, 1, 1]))
+    with pytest.raises(ValueError, match=r"labels 0 and 1; got \[0, 2\]"):
+        roc_auc(np.array([0.1, 0.2]), np.array([0, 2]))
+    with pytest.raises(ValueError, match=r"same shape; got \(2,\) and \(3,\)"):
+        roc_auc(np.array([0.1, 0.2]), np.array([0, 1, 1]))
+
+
+def test_scores_are_the_logit_margin_of_two_class_tasks_only():
+    logits = np.array([[0.5, 2.0], [1.0, -1.0]])
+    assert scores_from_logits("sst2", logits).tolist() == [1.5, -2.0]
+    assert scores_from_logits("rte", logits).tolist() == [1.5, -2.0]
+    assert scores_from_logits("mnli", np.zeros((2, 3))) is None
+    assert scores_from_logits("stsb", np.zeros((2, 1))) is None

@@ -119,8 +119,8 @@ def test_aggregate_means_stds_and_goal(tmp_path: Path):
                   {"method": "tucker", "candidate": {"tau": 0.25}, "mean_holdout": 0.8512,
                    "active_fraction_of_lora_r8": 0.583}]}}  # fmt: skip
     table = glue_quality.markdown(record)
-    assert "| rte | accuracy | tucker | dev | 70.00 +- 10.00 (70.00) | 600 (60%) | 11 +- 1 |" in table
-    assert "| sst2 | accuracy (51.23) | lora | dev | 60.00 +- 10.00 (60.00) | 1,000 (100%) | 11 +- 1 |" in table
+    assert "| rte | accuracy | tucker | dev | 70.00 +- 10.00 (70.00) | - | 600 (60%) | 11 +- 1 |" in table
+    assert "| sst2 | accuracy (51.23) | lora | dev | 60.00 +- 10.00 (60.00) | - | 1,000 (100%) | 11 +- 1 |" in table
     assert "| tucker | 70.00 | 60% | - |" in table  # runs without adapter-only counts
     assert "| tucker | {'tau': 0.25} | 85.12 | 58% |" in table
     figure = glue_quality.plot_quality(summary, tmp_path / "quality.png", "t")
@@ -144,18 +144,19 @@ def test_paired_differences_against_lora_use_the_same_seeds():
     record = {"preset": "t", "model": "m", "seeds": [0, 1, 2, 3], "notes": "", "common": {}, "method_settings": {},
               "method_settings_source": "s", "environment": {"commit": "c", "date": "d"},
               "summary": summary}  # fmt: skip
-    assert "| sst2 | tucker | +0.33 +- 1.53 | 2 of 3 | - |" in glue_quality.markdown(record)  # no per-row files
+    assert "| sst2 | tucker | +0.33 +- 1.53 | 2 of 3 | - | - |" in glue_quality.markdown(record)  # no per-row files
 
 
 def test_paired_differences_carry_the_rows_standard_error(tmp_path: Path):
     """Runs with per-row predictions: the paired cell adds the gap's standard error over the rows (a paired
     bootstrap), which for accuracy is close to the closed form, the std of the seed-averaged per-row difference
-    over sqrt(rows)."""
+    over sqrt(rows); with per-row scores, the ROC AUC columns too."""
     import numpy as np
+    from metrics import roc_auc
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 1500)
-    runs, correct = [], {"tucker": [], "lora": []}
+    runs, correct, auc = [], {"tucker": [], "lora": []}, {"tucker": [], "lora": []}
     for method, rate in (("tucker", 0.85), ("lora", 0.8)):
         for seed in (0, 1):
             right = rng.random(labels.size) < rate
@@ -166,23 +167,32 @@ def test_paired_differences_carry_the_rows_standard_error(tmp_path: Path):
                 "task": "sst2", "method": method, "seed": seed, "eval_on": "validation",
                 "main_metric": {"name": "accuracy", "split": "validation", "value": float(right.mean())},
             }))  # fmt: skip
-            predictions = np.where(right, labels, 1 - labels).tolist()
-            rows = {"validation": {"predictions": predictions, "labels": labels.tolist()}}
+            predictions = np.where(right, labels, 1 - labels)
+            scores = (2 * predictions - 1) * rng.random(labels.size)  # signs agree with the predictions
+            rows = {"validation": {"predictions": predictions.tolist(), "labels": labels.tolist(),
+                                   "scores": scores.tolist()}}  # fmt: skip
             (folder / "predictions.json").write_text(json.dumps(rows))
             run = fake_run("sst2", method, seed, float(right.mean()), 700)
-            runs.append({**run, "output_dir": str(folder), "split": "train_holdout"})
+            auc[method].append(roc_auc(scores, labels))
+            all_metrics = {"train_holdout": {"accuracy": float(right.mean()), "roc_auc": auc[method][-1]}}
+            runs.append({**run, "output_dir": str(folder), "split": "train_holdout", "all_metrics": all_metrics})
     summary = glue_quality.aggregate(runs, {"tasks": {"sst2": {}}, "methods": ["tucker", "lora"]})
     per_row = np.mean([a.astype(float) - b for a, b in zip(correct["tucker"], correct["lora"])], axis=0)
     closed_form = per_row.std(ddof=1) / np.sqrt(labels.size)
     se = summary["paired_vs_lora"]["sst2/tucker"]["se_over_rows"]
     assert se == pytest.approx(closed_form, rel=0.1)
+    auc_cell = summary["paired_vs_lora"]["sst2/tucker"]["roc_auc"]
+    auc_gaps = [a - b for a, b in zip(auc["tucker"], auc["lora"])]
+    assert auc_cell["difference"]["mean"] == pytest.approx(np.mean(auc_gaps)) and auc_cell["se_over_rows"] > 0
+    assert summary["cells"]["sst2/lora"]["roc_auc"]["mean"] == pytest.approx(np.mean(auc["lora"]))
     record = {"preset": "t", "model": "m", "seeds": [0, 1], "notes": "", "common": {}, "method_settings": {},
               "method_settings_source": "s", "environment": {"commit": "c", "date": "d"},
               "summary": summary}  # fmt: skip
     table = glue_quality.markdown(record)
     # not "dev": the runs say where they scored
     assert "| sst2 | accuracy | tucker | held-out training rows |" in table
-    assert f"of 2 | {100 * se:.2f} |" in table  # the paired table's last column
+    assert f"of 2 | {100 * se:.2f} | {100 * np.mean(auc_gaps):+.2f} +- " in table  # the paired table's last columns
+    assert f"| {100 * np.mean(auc['lora']):.2f} +- " in table  # the score table's ROC AUC column
     figure = glue_quality.plot_paired(summary, tmp_path / "paired.png", "t")
     assert figure.stat().st_size > 0
     assert glue_quality.plot_paired({"paired_vs_lora": {}}, tmp_path / "none.png", "t") is None

@@ -15,7 +15,7 @@ paired_rows = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(paired_rows)
 
 
-def write_run(folder: Path, method: str, seed: int, predictions, labels, task: str = "sst2") -> Path:
+def write_run(folder: Path, method: str, seed: int, predictions, labels, task: str = "sst2", scores=None) -> Path:
     """A run folder as the GLUE recipe writes it, reduced to what the comparison reads."""
     folder.mkdir(parents=True)
     metric = "pearson" if task == "stsb" else "accuracy"
@@ -23,6 +23,8 @@ def write_run(folder: Path, method: str, seed: int, predictions, labels, task: s
                "main_metric": {"name": metric, "split": "train_holdout", "value": None}}  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(metrics))
     rows = {"predictions": list(predictions), "labels": list(labels)}
+    if scores is not None:
+        rows["scores"] = list(scores)
     (folder / "predictions.json").write_text(json.dumps({"train_holdout": rows, "validation": rows}))
     return folder
 
@@ -102,3 +104,39 @@ def test_bad_input_is_named(tmp_path: Path):
         run("--runs", str(tmp_path / "t0"), "--against", str(tmp_path / "l0"), "--resamples", "1")
     report = run("--runs", str(tmp_path / "t0"), "--against", str(tmp_path / "l0"), "--split", "validation")
     assert report["result"]["per_seed"][0]["gap"] == pytest.approx(-1 / 3)
+
+
+def test_roc_auc_compares_the_rows_scores(tmp_path: Path):
+    """`--metric roc_auc` ranks the rows' scores (the per-seed values equal the pairwise definition), while
+    "rows predicted differently" still counts the class predictions."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 400)
+    expected = []
+    for seed in (1, 2):
+        sharp, blunt = labels + rng.normal(size=400), labels + 2 * rng.normal(size=400)
+        for name, method, scores in (("t", "tucker", sharp), ("l", "lora", blunt)):
+            write_run(tmp_path / f"{name}{seed}", method, seed, (scores > 0.5).astype(int).tolist(), labels.tolist(),
+                      scores=scores.round(5).tolist())  # fmt: skip
+
+        def by_pairs(s):
+            pos, neg = s[labels == 1], s[labels == 0]
+            return np.mean(pos[:, None] > neg[None, :])
+
+        expected.append(by_pairs(sharp.round(5)) - by_pairs(blunt.round(5)))
+    report = paired_rows.main(["--runs", str(tmp_path / "t*"), "--against", str(tmp_path / "l*"), "--metric",
+                               "roc_auc", "--resamples", "200"])  # fmt: skip
+    result = report["result"]
+    assert result["metric"] == "roc_auc"
+    assert [p["gap"] for p in result["per_seed"]] == pytest.approx(expected, abs=1e-12)
+    assert result["gap_mean"] > 0 and result["gap_se_over_rows"] > 0
+    assert 0 < result["per_seed"][0]["disagreement"] < 1
+
+
+def test_bad_metric_and_missing_scores_are_named(tmp_path: Path):
+    write_run(tmp_path / "t0", "tucker", 0, [1, 0, 0], [1, 0, 1])
+    write_run(tmp_path / "l0", "lora", 0, [1, 1, 0], [1, 0, 1], scores=[0.3, 0.2, -0.1])
+    args = ["--runs", str(tmp_path / "t0"), "--against", str(tmp_path / "l0"), "--resamples", "10", "--metric"]
+    with pytest.raises(ValueError, match=r"`--metric` must be one of sst2's \['accuracy', 'roc_auc'\]; got 'f1'"):
+        paired_rows.main([*args, "f1"])
+    with pytest.raises(ValueError, match=r"t0 has no per-row scores for 'train_holdout' \(the recipe writes scores"):
+        paired_rows.main([*args, "roc_auc"])
