@@ -279,3 +279,21 @@ def test_loss_curves_read_each_runs_trainer_state(tmp_path: Path):
     path = glue_quality.plot_loss_curves(runs, tmp_path / "loss.png", "t")
     assert path == tmp_path / "loss.png" and path.stat().st_size > 0
     assert glue_quality.plot_loss_curves(runs[-1:], tmp_path / "none.png", "t") is None  # nothing logged
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "benchmarks" / "configs").glob("glue_quality_*.json")), ids=str)
+def test_every_preset_builds_runs_that_the_recipe_accepts(path: Path, monkeypatch, tmp_path: Path):
+    """Each run of each preset, as the benchmark builds its command line, parses and passes the recipe's checks: a
+    misspelt option or an inconsistent combination fails here, not an hour into a benchmark."""
+    from finetune import check_args, parse_args
+
+    monkeypatch.setattr(glue_quality, "resolve_model", lambda model: "unused-model")
+    preset = glue_quality.load_preset(str(path))
+    for task in preset["tasks"]:
+        for method in preset["methods"]:
+            options = glue_quality.run_options(preset, task, method, preset["seeds"][0])
+            argv = glue_quality.to_argv(options) + ["--output_dir", str(tmp_path / "run")]
+            _, data_args, adapter_args, training_args = parse_args(argv)
+            check_args(data_args, adapter_args, training_args)
+            assert adapter_args.method == preset.get("variants", {}).get(method, {}).get("method", method)
+            assert data_args.task == task
