@@ -356,30 +356,38 @@ def paired_vs_lora(runs: list[dict], preset: dict) -> dict:
         per_seed = {mine["seed"]: mine["value"] - theirs["value"] for mine, theirs in pairs}
         diffs = list(per_seed.values())
         if diffs:
+            loaded = with_row_predictions(pairs)
             paired[f"{task}/{method}"] = {
                 "task": task, "method": method, "difference": summarize(diffs), "wins": sum(d >= 0 for d in diffs),
-                "per_seed": per_seed, "se_over_rows": rows_standard_error(pairs),
+                "per_seed": per_seed, "se_over_rows": rows_standard_error(loaded),
             }  # fmt: skip
-            auc_diffs = [roc_auc_of(mine) - roc_auc_of(theirs) for mine, theirs in pairs
-                         if roc_auc_of(mine) is not None and roc_auc_of(theirs) is not None]  # fmt: skip
-            if len(auc_diffs) == len(pairs):  # threshold-free: the ranking of the rows, not the decision threshold
+            aucs = [(roc_auc_of(mine), roc_auc_of(theirs)) for mine, theirs in pairs]
+            if all(a is not None and b is not None for a, b in aucs):  # the ranking, not the decision threshold
+                auc_diffs = [a - b for a, b in aucs]
                 paired[f"{task}/{method}"]["roc_auc"] = {
                     "difference": summarize(auc_diffs),
                     "wins": sum(d >= 0 for d in auc_diffs),
-                    "se_over_rows": rows_standard_error(pairs, "roc_auc"),
+                    "se_over_rows": rows_standard_error(loaded, "roc_auc"),
                 }
     return paired
 
 
-def rows_standard_error(pairs: list[tuple[dict, dict]], metric: str | None = None) -> float | None:
-    """The standard error over the evaluation rows of the seed-averaged gap between the `(method, LoRA r=8)` runs of
-    `pairs` (a paired bootstrap, `paired_rows.py`): the seeds do not resample the rows, so it is the part of the gap
-    that another sample of rows of the same kind could move. `None` when a run lacks per-row predictions (recipes
-    before 2026-12-07). `metric`: the task's main one by default, or `roc_auc`."""
+def with_row_predictions(pairs: list[tuple[dict, dict]]) -> list[tuple[dict, dict]] | None:
+    """The `(method, LoRA r=8)` runs of `pairs` as `paired_rows.load_run` reads them, per-row predictions included;
+    `None` when a run lacks them (recipes before 2026-12-07)."""
     folders = [Path(run.get("output_dir", "")) for pair in pairs for run in pair]
     if not all((folder / "predictions.json").is_file() for folder in folders):
         return None
-    loaded = [(load_run(mine["output_dir"]), load_run(theirs["output_dir"])) for mine, theirs in pairs]
+    return [(load_run(mine["output_dir"]), load_run(theirs["output_dir"])) for mine, theirs in pairs]
+
+
+def rows_standard_error(loaded: list[tuple[dict, dict]] | None, metric: str | None = None) -> float | None:
+    """The standard error over the evaluation rows of the seed-averaged gap between the loaded `(method, LoRA r=8)`
+    runs (`with_row_predictions`; a paired bootstrap, `paired_rows.py`): the seeds do not resample the rows, so it
+    is the part of the gap that another sample of rows of the same kind could move. `None` without per-row
+    predictions. `metric`: the task's main one by default, or `roc_auc`."""
+    if loaded is None:
+        return None
     return compare(loaded, loaded[0][0]["eval_on"], metric_name=metric)["gap_se_over_rows"]
 
 

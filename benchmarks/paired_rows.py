@@ -133,9 +133,11 @@ def compare(
     """Per-seed scores and gaps on `split`, their mean +- std over seeds, and the gap's standard error over rows."""
     name = metric_of(pairs[0][0]["task"], metric_name)
     metric = METRICS[name]
-    labels, runs, against = rows_of(pairs, split, "scores" if name == "roc_auc" else "predictions")
+    field = "scores" if name == "roc_auc" else "predictions"
+    labels, runs, against = rows_of(pairs, split, field)
     classes = not get_task(pairs[0][0]["task"]).is_regression
-    predictions = rows_of(pairs, split)[1:] if classes else None
+    # "rows predicted differently" counts class predictions, whatever the metric compares
+    predictions = (runs, against) if field == "predictions" else rows_of(pairs, split)[1:]
     per_seed = []
     for index, ((run, other), mine, theirs) in enumerate(zip(pairs, runs, against)):
         score, reference = metric(mine, labels), metric(theirs, labels)

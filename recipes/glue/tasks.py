@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import datasets
@@ -280,6 +280,12 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(text.lower().split())
 
 
+def _spans(words: tuple[str, ...], min_words: int, longest: int) -> Iterator[tuple[str, ...]]:
+    """Every contiguous span of `words` of at least `min_words` (and 1) and at most `longest` words."""
+    shortest = max(min_words, 1)
+    return (words[i:j] for i in range(len(words)) for j in range(i + shortest, min(i + longest, len(words)) + 1))
+
+
 def shares_text_with(rows: list[str], min_words: int = 1) -> Callable[[str], bool]:
     """A test of whether a text contains one of `rows` of at least `SHARED_PHRASE_WORDS` words, or lies inside one of
     `rows` (whole words, case-insensitive). SST-2's train rows are the phrases of parsed sentences: a row outside a
@@ -290,7 +296,7 @@ def shares_text_with(rows: list[str], min_words: int = 1) -> Callable[[str], boo
     phrases = {words for words in rows_words if len(words) >= SHARED_PHRASE_WORDS}
     spans: set[tuple[str, ...]] = set()  # every contiguous span of every row
     for words in rows_words:
-        spans.update(words[i:j] for i in range(len(words)) for j in range(i + max(min_words, 1), len(words) + 1))
+        spans.update(_spans(words, min_words, len(words)))
 
     def shares(text: str) -> bool:
         words = _words(text)
@@ -317,8 +323,7 @@ def inside_a_longer_row(rows: list[str], min_words: int = 1) -> Callable[[str], 
     dev's rows are. Only texts of at least `min_words` words are asked about (shorter spans are not kept)."""
     spans: set[tuple[str, ...]] = set()
     for words in map(_words, rows):
-        spans.update(words[i:j] for i in range(len(words)) for j in range(i + max(min_words, 1), len(words) + 1)
-                     if j - i < len(words))  # fmt: skip
+        spans.update(_spans(words, min_words, len(words) - 1))
     return lambda text: _words(text) in spans
 
 
