@@ -31,11 +31,10 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import datasets
-import numpy as np
 import torch
 import transformers
 from callbacks import AdaLoraAllocatorCallback, CompactProgressCallback, adalora_ranks
-from metrics import compute_metrics, majority_baseline, predictions_from_logits, roc_auc, scores_from_logits
+from metrics import compute_metrics, majority_baseline, predictions_from_logits, row_record
 from peft import AdaLoraConfig, LoraConfig, PeftConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from tasks import TASKS, get_task, held_out_rows, load_glue, take_rest, take_subset, without_shared_phrases
@@ -644,15 +643,10 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.log(output.metrics)  # what `trainer.evaluate` logs, so trainer_state.json keeps the scores
         results[name] = {metric: output.metrics[f"{name}_{metric}"] for metric in task.metrics}
         logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-        labels = np.asarray(output.label_ids)
         # per row, so that two methods can be compared on the same rows (benchmarks/paired_rows.py)
-        row_predictions[name] = {"predictions": predictions_from_logits(task.name, logits).tolist()}
-        scores = scores_from_logits(task.name, logits)
-        if scores is not None:
-            row_predictions[name]["scores"] = [float(f"{x:.6g}") for x in scores]  # ranks kept, file small
-            if len(np.unique(labels)) == 2:  # threshold-free, beside the task's own metrics
-                results[name]["roc_auc"] = roc_auc(scores, labels)
-        row_predictions[name]["labels"] = labels.tolist()
+        row_predictions[name], auc = row_record(task.name, logits, output.label_ids)
+        if auc is not None:  # threshold-free, beside the task's own metrics
+            results[name]["roc_auc"] = auc
     main_split = next(iter(evals))
 
     counts = parameter_counts(model, adapter_args.method)

@@ -122,3 +122,19 @@ def scores_from_logits(task: str, logits: np.ndarray) -> np.ndarray | None:
         return None
     logits = np.asarray(logits)
     return logits[..., 1] - logits[..., 0]
+
+
+def row_record(task: str, logits: np.ndarray, labels: np.ndarray) -> tuple[dict[str, list], float | None]:
+    """Each row's prediction, for a two-class task its score (`scores_from_logits`, 6 significant digits: the ranks
+    are kept, the file stays small) and its label, in row order, for `predictions.json`; with the ROC AUC of the
+    scores when the rows hold both classes, else `None`."""
+    labels = np.asarray(labels)
+    record: dict[str, list] = {"predictions": predictions_from_logits(task, logits).tolist()}
+    scores = scores_from_logits(task, logits)
+    auc = None
+    if scores is not None:
+        record["scores"] = [float(f"{x:.6g}") for x in scores]
+        if len(np.unique(labels)) == 2:
+            auc = roc_auc(scores, labels)
+    record["labels"] = labels.tolist()
+    return record, auc
