@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from finetune import write_json_atomically
-from metrics import compute_metrics, predictions_from_logits, row_record
+from metrics import compute_metrics, row_record
 from peft import PeftModel
 from tasks import get_task, load_glue
 from tqdm.auto import tqdm
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         texts = (rows["sentence1"], rows["sentence2"]) if task.is_pair else (rows["sentence1"],)
         logits = logits_of(model, tokenizer, texts, run_args["data"]["max_seq_length"], args.batch_size, name)
         labels = np.asarray(rows["label"])
-        results[name] = compute_metrics(task.name, predictions_from_logits(task.name, logits), labels)
         row_predictions[name], auc = row_record(task.name, logits, labels)
+        results[name] = compute_metrics(task.name, np.asarray(row_predictions[name]["predictions"]), labels)
         if auc is not None:
             results[name]["roc_auc"] = auc
 
