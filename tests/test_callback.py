@@ -49,13 +49,38 @@ def test_trainer_run_adapts_ranks_once_per_optimizer_step_and_logs_them(tmp_path
     assert callback.updater.step == 30
     ranks, active = rank_series(trainer.state.log_history)
     assert set(ranks) == {"inp/out", "inp/in", "conv/out", "conv/in"}
-    assert [step for step, _ in active][:30] == list(range(1, 31))  # one entry per optimizer step, + the summary
+    # one point per optimizer step (and step 0, the initial ranks), + the summary
+    assert [step for step, _ in active][:31] == list(range(0, 31))
     assert any(len({value for _, value in points}) > 1 for points in ranks.values())  # ranks changed in the run
     # the final ranks are settled (after training ended, finalize truncated): within [r_min, r_max]
     for layer in layers(model):
         assert all(1 <= r <= 4 for r in layer.active_ranks("default"))
     png = plot_ranks(trainer.state.log_history, tmp_path / "ranks.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_rank_changes_between_logging_steps_reach_the_log_history(tmp_path):
+    """Logging every 10 steps, the history still holds the initial ranks (step 0) and every step that changed them,
+    with the values that a run logging every step has at those steps."""
+
+    def ranks_logged(name, logging_steps):
+        args = training_args(str(tmp_path / name), max_steps=12, logging_steps=logging_steps)
+        trainer = Trainer(model=tucker_model(), args=args, train_dataset=dataset(), callbacks=[TuckerRankCallback()])
+        trainer.train()
+        return rank_series(trainer.state.log_history)[0]
+
+    every_step, sparse = ranks_logged("every_step", 1), ranks_logged("sparse", 10)
+    assert set(sparse) == set(every_step)
+    changed_somewhere = False
+    for key, points in every_step.items():
+        truth, recorded = dict(points), dict(sparse[key])
+        assert recorded[0] == truth[0] == 2, key  # r=2 at the start
+        changes = {step for step in truth if step > 0 and truth[step] != truth[step - 1]}
+        changed_somewhere |= bool(changes)
+        assert changes <= set(recorded), key  # every change is in the sparse history...
+        assert {step: truth[step] for step in recorded} == recorded, key  # ...with the right value
+        assert len(recorded) < len(truth)  # and the sparse history did not log every step
+    assert changed_somewhere
 
 
 def test_loss_decreases_on_a_small_task(tmp_path):
@@ -115,7 +140,7 @@ def test_resume_after_rank_changes_matches_a_straight_run(tmp_path, budget):
         # The resumed history starts with the checkpoint's steps 1-7; step 8 logs before the next truncation (at
         # 9), with the budget of the one at step 5 but the augmented ranks, as any resume mid-cycle.
         logged = {e["step"]: e for e in trainer.state.log_history if "tucker_active_params" in e}
-        assert sorted(logged) == list(range(1, 17))
+        assert sorted(logged) == list(range(0, 17))  # step 0: the initial ranks, recorded at the start
         for step in range(8, 17):
             assert logged[step]["tucker_param_budget"] == straight_logs[step]["tucker_param_budget"], step
         for step in range(9, 17):

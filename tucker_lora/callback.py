@@ -22,9 +22,11 @@ class TuckerRankCallback(TrainerCallback):
     The logic lives in [`TuckerRankUpdater`]; this callback only forwards the Trainer's events to it, truncates any
     adapter that is mid-cycle when training ends, and adds the settled ranks per module (`tucker_rank/<module>/<mode>`)
     and the active parameter count (`tucker_active_params`) to every log (so `trainer.state.log_history`,
-    `trainer_state.json` and [`plot_ranks`] see them). Trainer calls the `report_to` integrations (TensorBoard,
-    W&B) before the callbacks passed in `callbacks=[...]`; use `attach(trainer)` for them to log the ranks too.
-    FSDP and DeepSpeed are rejected when training starts.
+    `trainer_state.json` and [`plot_ranks`] see them). The same values also go into the log history at the start of
+    training and at every step that changed them, so that the rank plot shows each truncation even between logging
+    steps. Trainer calls the `report_to` integrations (TensorBoard, W&B) before the callbacks passed in
+    `callbacks=[...]`; use `attach(trainer)` for them to log the ranks too. FSDP and DeepSpeed are rejected when
+    training starts.
 
     Args:
         adapter_names (`str` or `list[str]`, *optional*): the adapters to update; defaults to every trainable Tucker
@@ -44,6 +46,7 @@ class TuckerRankCallback(TrainerCallback):
     def __init__(self, adapter_names: str | list[str] | None = None) -> None:
         self.adapter_names = adapter_names
         self.updater: TuckerRankUpdater | None = None
+        self._recorded: dict[str, float] | None = None
 
     def attach(self, trainer: Any) -> TuckerRankCallback:
         """Puts this callback first in `trainer`'s callbacks (instead of `callbacks=[...]`, which comes after the
@@ -72,7 +75,12 @@ class TuckerRankCallback(TrainerCallback):
     ) -> None:
         check_no_parameter_sharding(kwargs.get("model"), args)
         self.updater = None
-        self._updater(state, kwargs["model"], kwargs.get("optimizer"))
+        updater = self._updater(state, kwargs["model"], kwargs.get("optimizer"))
+        self._recorded = None
+        if state.global_step == 0:
+            self._record_ranks(state)  # the initial ranks; a resumed history has its own entries up to here
+        else:
+            self._recorded = updater.metrics()
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -83,6 +91,21 @@ class TuckerRankCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._updater(state, kwargs["model"], kwargs.get("optimizer")).after_step()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.updater is not None:
+            self._record_ranks(state)
+
+    def _record_ranks(self, state: TrainerState) -> None:
+        """Appends the settled ranks to the log history when they differ from the last ones appended: with ranks
+        that change only at truncations, a plot of the logging steps alone can miss every change (the main GLUE
+        command's one truncation, at step 20, comes before its first log, at step 25)."""
+        metrics = self.updater.metrics()
+        if metrics != self._recorded:
+            self._recorded = metrics
+            state.log_history.append({"step": state.global_step, **metrics})
 
     def on_log(
         self,

@@ -32,18 +32,20 @@ def rank_series(source: str | os.PathLike | Sequence[dict]) -> tuple[dict[str, l
         source (`str`, `os.PathLike` or `Sequence[dict]`): `trainer.state.log_history`, a `trainer_state.json`, or
             an output/checkpoint folder holding one.
     """
-    ranks: dict[str, list[tuple[int, float]]] = {}
-    active = []
+    ranks: dict[str, dict[int, float]] = {}
+    active: dict[int, float] = {}
     for entry in _load_history(source):
         step = entry.get("step")
         if step is None:
             continue
+        # one point per step, the latest entry's: the callback's record of a change and the Trainer's log of the
+        # same step hold the same values
         for key, value in entry.items():
             if key.startswith(RANK_PREFIX):
-                ranks.setdefault(key[len(RANK_PREFIX) :], []).append((step, value))
+                ranks.setdefault(key[len(RANK_PREFIX) :], {})[step] = value
         if ACTIVE_KEY in entry:
-            active.append((step, entry[ACTIVE_KEY]))
-    return ranks, active
+            active[step] = entry[ACTIVE_KEY]
+    return {key: sorted(points.items()) for key, points in ranks.items()}, sorted(active.items())
 
 
 def budget_series(source: str | os.PathLike | Sequence[dict]) -> list[tuple[int, float]]:
@@ -52,7 +54,8 @@ def budget_series(source: str | os.PathLike | Sequence[dict]) -> list[tuple[int,
     Args:
         source (`str`, `os.PathLike` or `Sequence[dict]`): as for `rank_series`.
     """
-    return [(e["step"], e[BUDGET_KEY]) for e in _load_history(source) if e.get("step") is not None and BUDGET_KEY in e]
+    points = {e["step"]: e[BUDGET_KEY] for e in _load_history(source) if e.get("step") is not None and BUDGET_KEY in e}
+    return sorted(points.items())
 
 
 def plot_ranks(
