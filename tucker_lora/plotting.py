@@ -103,7 +103,7 @@ def plot_ranks(
         top.legend(fontsize="small")
     if active:
         steps, values = zip(*active)
-        bottom.plot(steps, values, marker=".", label="active")
+        bottom.step(steps, values, where="post", marker=".", label="active")  # the count changes at truncations
     if budget:
         steps, values = zip(*budget)
         bottom.step(steps, values, where="post", linestyle="--", color="black", label="param_budget")
