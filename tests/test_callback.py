@@ -137,7 +137,7 @@ def test_resume_after_rank_changes_matches_a_straight_run(tmp_path, budget):
     trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-7"))
     got = adapter_state(resumed, trainer.optimizer)
     if "param_budget" in budget:  # the budget schedule and what it let through continue as in the straight run
-        # The resumed history starts with the checkpoint's steps 1-7; step 8 logs before the next truncation (at
+        # The resumed history starts with the checkpoint's steps 0-7; step 8 logs before the next truncation (at
         # 9), with the budget of the one at step 5 but the augmented ranks, as any resume mid-cycle.
         logged = {e["step"]: e for e in trainer.state.log_history if "tucker_active_params" in e}
         assert sorted(logged) == list(range(0, 17))  # step 0: the initial ranks, recorded at the start
