@@ -47,6 +47,7 @@ class TuckerRankCallback(TrainerCallback):
         self.adapter_names = adapter_names
         self.updater: TuckerRankUpdater | None = None
         self._recorded: dict[str, float] | None = None
+        self._truncations_seen = 0
 
     def attach(self, trainer: Any) -> TuckerRankCallback:
         """Puts this callback first in `trainer`'s callbacks (instead of `callbacks=[...]`, which comes after the
@@ -76,7 +77,7 @@ class TuckerRankCallback(TrainerCallback):
         check_no_parameter_sharding(kwargs.get("model"), args)
         self.updater = None
         updater = self._updater(state, kwargs["model"], kwargs.get("optimizer"))
-        self._recorded = None
+        self._recorded, self._truncations_seen = None, updater.truncations
         if state.global_step == 0:
             self._record_ranks(state)  # the initial ranks; a resumed history has its own entries up to here
         else:
@@ -95,7 +96,9 @@ class TuckerRankCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.updater is not None:
+        # only after a truncation: the settled ranks change nowhere else, and metrics() walks every layer
+        if self.updater is not None and self.updater.truncations != self._truncations_seen:
+            self._truncations_seen = self.updater.truncations
             self._record_ranks(state)
 
     def _record_ranks(self, state: TrainerState) -> None:

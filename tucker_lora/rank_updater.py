@@ -192,6 +192,7 @@ class TuckerRankUpdater:
         self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         self.total_steps = total_steps
         self.step = 0
+        self.truncations = 0  # truncations done by this updater: the settled ranks (`metrics()`) change only there
         self._basis_grads: dict[int, list[torch.Tensor | None]] = {}
         self.groups = self._find_groups(adapter_names)
         for group in self.groups:
@@ -352,6 +353,7 @@ class TuckerRankUpdater:
         group.augmented = False
         for module, layer in group.layers:
             group.settled[module] = layer.active_ranks(group.name)
+        self.truncations += 1
 
     # ---- the parameter budget ----------------------------------------------------------------------------------
 
