@@ -117,11 +117,45 @@ def test_folded_training_learns_as_well_as_the_tucker_form():
     assert last[True] < 1.1 * last[False]
 
 
+def test_in_basis_lr_ratio_trains_as_a_parameter_group_for_v_at_that_ratio():
+    """AdamW with `in_basis_lr_ratio=q` takes the steps of `in_basis_lr_ratio=1` with the folded V in a parameter
+    group at `q` times the learning rate, through augmentations, truncations and folds; the conv (Tucker form) and
+    K are stepped as before."""
+    ratio, steps = 3.0, 12  # augmentations end steps 2, 6, 10; truncations 5, 9
+    model, opt = make(**SCHEDULE, in_basis_lr_ratio=ratio)
+    reference, _ = make(**SCHEDULE)
+    in_basis = layers(reference)[0].tucker_bases["default"][1]
+    rest = [p for p in reference.parameters() if p.requires_grad and p is not in_basis]
+    grouped = torch.optim.AdamW(
+        [{"params": rest}, {"params": [in_basis], "lr": 1e-2 * ratio}], lr=1e-2, weight_decay=0.1
+    )
+    losses = train(model, opt, TuckerRankUpdater(model, opt), steps)
+    expected = train(reference, grouped, TuckerRankUpdater(reference, grouped), steps)
+    assert_close(torch.tensor(losses), torch.tensor(expected))
+    for layer, ref in zip(layers(model), layers(reference)):
+        assert layer.active_ranks("default") == ref.active_ranks("default")
+        assert_close(layer.tucker_core["default"].data, ref.tucker_core["default"].data)
+        for basis, ref_basis in zip(layer.tucker_bases["default"], ref.tucker_bases["default"]):
+            assert_close(basis.data, ref_basis.data)
+    plain, plain_opt = make(**SCHEDULE)  # the ratio changes the run (else the comparison above proves nothing)
+    unscaled = train(plain, plain_opt, TuckerRankUpdater(plain, plain_opt), steps)
+    assert abs(unscaled[-1] - losses[-1]) > 1e-3 * abs(unscaled[-1])
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
         ({"absorb_core": 1}, "`absorb_core` must be True or False"),
         ({"absorb_core": True, "train_bases": False}, "`absorb_core=True` needs `train_bases=True`"),
+        ({"absorb_core": True, "in_basis_lr_ratio": 0.0}, r"`in_basis_lr_ratio` must be a finite number > 0; got 0.0"),
+        (
+            {"absorb_core": True, "in_basis_lr_ratio": True},
+            r"`in_basis_lr_ratio` must be a finite number > 0; got True",
+        ),
+        (
+            {"in_basis_lr_ratio": 2.0},
+            r"`in_basis_lr_ratio` applies to folded adapters only and needs `absorb_core=True`",
+        ),
     ],
 )
 def test_bad_absorb_core_settings_are_rejected(kwargs, message):

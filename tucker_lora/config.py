@@ -35,9 +35,10 @@ class TuckerAdapterConfig(PeftConfig):
             allocated once at `min(n_i, 2 * r_max)` columns per basis, so that augmentation never reallocates.
         r_min (`int`): smallest rank a mode may keep (>= 1, so an adapter never dies).
         alpha (`float`): the scaling is `s = alpha / r`, fixed for the life of the adapter (never recomputed when
-            ranks change). Under Adam a Tucker core grows far fewer entries per step than LoRA's factors, so Tucker
-            wants about 4x LoRA's scaling: the GLUE recipe uses alpha 64 at r 8 where LoRA uses 16
-            (`docs/training.md`).
+            ranks change). In the Tucker form a core grows far fewer entries per step under Adam than LoRA's factors
+            and wants several times LoRA's scaling; folded (`absorb_core`) with `in_basis_lr_ratio = sqrt(3)`, the
+            adapter trains as LoRA does at `alpha` = LoRA's alpha `/ sqrt(3)` (its `V` has unit columns, LoRA's `A`
+            rows of norm `1 / sqrt(3)`): 16 / sqrt(3) at r 8 in the GLUE recipe (`docs/training.md`).
         dropout (`float`): dropout on the adapter's input.
         target_modules (`list[str] | str`, *optional*): module names (suffix match) or a regex; defaults exist for
             `deberta-v2` and `bert`.
@@ -80,6 +81,13 @@ class TuckerAdapterConfig(PeftConfig):
             and `V` as it steps LoRA's `B` and `A`; each cycle event works on the Tucker form and folds again, and
             `TuckerRankUpdater.finalize()` leaves the Tucker form with orthonormal bases. Convolutions keep the
             Tucker form (their core has kernel modes). See `docs/training.md`.
+        in_basis_lr_ratio (`float`): with `absorb_core`, how many times the optimizer's step each folded input
+            basis `V` moves: `TuckerRankUpdater` stretches `V`'s step after every `optimizer.step()` (for AdamW,
+            the step of a learning rate `lr * in_basis_lr_ratio`). `V` has unit columns where LoRA's initial `A` has
+            rows of norm `1 / sqrt(3)` (PEFT's Kaiming-uniform draw), so under Adam `V` turns `sqrt(3)` times slower
+            than `A` at the same rate: `sqrt(3)` with `alpha` = LoRA's alpha `/ sqrt(3)` steps `K` and `V` as LoRA
+            steps `B` and `A`, and is what the GLUE recipe uses (`docs/training.md`). 1 (default): the optimizer's
+            own steps.
 
     `get_peft_model` (and `add_adapter`) keep their own copy of this config, so that saving, which writes the ranks
     in use into `rank_pattern`, never changes your object: edits to it afterwards do not reach the model; read or
@@ -129,6 +137,9 @@ class TuckerAdapterConfig(PeftConfig):
     absorb_core: bool = field(
         default=False, metadata={"help": "Matrix adapters stepped as K = U C and V (core fixed at I) between events."}
     )
+    in_basis_lr_ratio: float = field(
+        default=1.0, metadata={"help": "absorb_core: each step of V is this many times the optimizer's."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -167,6 +178,14 @@ class TuckerAdapterConfig(PeftConfig):
             raise ValueError(
                 "`absorb_core=True` needs `train_bases=True`: the folded core is fixed and only the bases learn; got "
                 "`train_bases=False`."
+            )
+        ratio = self.in_basis_lr_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+            raise ValueError(f"`in_basis_lr_ratio` must be a finite number > 0; got {ratio!r}.")
+        if ratio != 1 and not self.absorb_core:
+            raise ValueError(
+                f"`in_basis_lr_ratio` applies to folded adapters only and needs `absorb_core=True`; got "
+                f"in_basis_lr_ratio={ratio!r} with absorb_core=False."
             )
         _check_int("core_steps", self.core_steps, 1)
         _check_int("augment_start_step", self.augment_start_step, 0)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import batched_cycle
-from .absorbed_core import fold, folds
+from .absorbed_core import fold, folds, keep_in_bases, scale_in_basis_steps
 from .budget import BudgetLayer, allocate_ranks, budget_at_step, layer_energies, parameter_count
 from .config import TuckerAdapterConfig
 from .cycle_checks import (
@@ -194,6 +194,7 @@ class TuckerRankUpdater:
         self.step = 0
         self.truncations = 0  # truncations done by this updater: the settled ranks (`metrics()`) change only there
         self._basis_grads: dict[int, list[torch.Tensor | None]] = {}
+        self._in_bases: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # V before the step
         self.groups = self._find_groups(adapter_names)
         for group in self.groups:
             # a fraction without total_steps fails here, not mid-training
@@ -235,8 +236,9 @@ class TuckerRankUpdater:
     # ---- the hooks around optimizer.step() ----------------------------------------------------------------------
 
     def before_step(self) -> None:
-        """Keeps the basis gradients for augmentation when this step ends with one. Without `train_bases`, sets
-        `.grad = None` on every basis, so that the optimizer neither updates nor decays the bases."""
+        """Keeps the basis gradients for augmentation when this step ends with one, and with `in_basis_lr_ratio` a
+        copy of every folded input basis (`after_step()` stretches its step). Without `train_bases`, sets `.grad =
+        None` on every basis, so that the optimizer neither updates nor decays the bases."""
         check_before_step(self)
         n = self.step + 1
         for group in self.groups:
@@ -261,12 +263,16 @@ class TuckerRankUpdater:
                 for grad in grads:
                     # a non-finite step would reach the bases; the core's raises at the next cycle event
                     torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
+                if group.config.absorb_core:
+                    self._in_bases[group.name] = keep_in_bases(group.layers, group.name, group.config)
 
     def after_step(self) -> None:
         """Ends optimizer step `self.step + 1`: augments or truncates as the schedule says, then syncs processes."""
         check_after_step(self)
         n = self.step + 1
         for group in self.groups:
+            # first the step itself (`in_basis_lr_ratio`), then the cycle event that ends it
+            scale_in_basis_steps(self._in_bases.pop(group.name, []), group.config.in_basis_lr_ratio)
             action = group.action(n, self.total_steps)
             if action is not None and skip_nonfinite_event(self, group, action, n):
                 continue

@@ -159,6 +159,10 @@ class AdapterArguments:
     absorb_core: bool = field(
         default=False, metadata={"help": "Tucker: linear adapters stepped as K = U C and V, like LoRA's B and A."}
     )
+    in_basis_lr_ratio: float = field(
+        default=1.0,
+        metadata={"help": "Tucker, with --absorb_core: each step of the input bases V is this many times the rate's."},
+    )
     freeze_ranks_after: float | None = field(
         default=None,
         metadata={"help": "Tucker: stop rank updates after this many steps (>= 1) or this fraction (< 1)."},
@@ -358,6 +362,7 @@ def build_adapter(
             tau_warmup=warmup,
             train_bases=adapter_args.train_bases,
             absorb_core=adapter_args.absorb_core,
+            in_basis_lr_ratio=adapter_args.in_basis_lr_ratio,
             **(budget if adapter_args.budget_fraction_of_lora is None else {}),
         )
         return config, [tucker_lora.TuckerRankCallback()]

@@ -328,6 +328,22 @@ def test_core_lr_ratio_gives_the_cores_a_group_of_their_own(tiny_bert_dir: Path,
 
 
 @needs_tucker
+def test_in_basis_lr_ratio_reaches_the_saved_adapter_and_needs_absorb_core(
+    tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path
+):
+    out = tmp_path / "ratio"
+    args = base_args(tiny_bert_dir, glue_dir, out, "sst2", "tucker", 2) + ["--in_basis_lr_ratio", "1.5"]
+    main(args + ["--absorb_core", "true"])
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["absorb_core"] is True and saved["in_basis_lr_ratio"] == 1.5
+    with pytest.raises(ValueError, match=r"`in_basis_lr_ratio` applies to folded adapters only"):
+        main(
+            base_args(tiny_bert_dir, glue_dir, tmp_path / "unfolded", "sst2", "tucker", 2)
+            + ["--in_basis_lr_ratio", "1.5"]
+        )
+
+
+@needs_tucker
 def test_tucker_on_mnli(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path):
     out = tmp_path / "tucker"
     args = base_args(tiny_bert_dir, glue_dir, out, "mnli", "tucker", 12)
