@@ -60,15 +60,16 @@ def fold(batch: LayerBatch) -> None:
 
 @torch.no_grad()
 def keep_in_bases(layers: list[tuple[str, Any]], name: str, config: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`(V, copy of V)` for every folded layer, taken before `optimizer.step()`, for `scale_in_basis_steps`; empty
-    when `in_basis_lr_ratio` is 1 (the optimizer's own steps stand)."""
-    if getattr(config, "in_basis_lr_ratio", 1.0) == 1.0:
+    """`(V's active columns, a copy of them)` for every folded layer, taken before `optimizer.step()`, for
+    `scale_in_basis_steps`; empty when `in_basis_lr_ratio` is 1 (the optimizer's own steps stand). Only the active
+    columns: the others stay zero (no gradient, zero weight decay), so their step is zero at any ratio."""
+    if config.in_basis_lr_ratio == 1.0:
         return []
     kept = []
     for _, layer in layers:
         if folds(config, layer.tucker_core[name]):
-            in_basis = layer.tucker_bases[name][1]
-            kept.append((in_basis, in_basis.detach().clone()))
+            active = layer.tucker_bases[name][1][:, : layer.active_ranks(name)[1]]
+            kept.append((active, active.clone()))
     return kept
 
 
@@ -76,5 +77,5 @@ def keep_in_bases(layers: list[tuple[str, Any]], name: str, config: Any) -> list
 def scale_in_basis_steps(kept: list[tuple[torch.Tensor, torch.Tensor]], ratio: float) -> None:
     """Makes the step the optimizer just took on each folded `V` `ratio` times as long: for AdamW and SGD the step
     of a learning rate `lr * ratio` for `V` (their updates, weight decay included, are linear in the rate)."""
-    for in_basis, before in kept:
-        in_basis.mul_(ratio).add_(before, alpha=1.0 - ratio)  # in place: before + ratio * (after - before)
+    for active, before in kept:
+        active.mul_(ratio).add_(before, alpha=1.0 - ratio)  # in place (a view of V): before + ratio * (after - before)

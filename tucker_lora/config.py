@@ -18,6 +18,11 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
 
 
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.")
+
+
 @dataclass
 class TuckerAdapterConfig(PeftConfig):
     """
@@ -162,8 +167,7 @@ class TuckerAdapterConfig(PeftConfig):
             raise ValueError(f"`r_max` must be >= `r` ({self.r}); got {self.r_max}.")
         if self.r_min > self.r:
             raise ValueError(f"`r_min` must be <= `r` ({self.r}); got {self.r_min}.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
-            raise ValueError(f"`alpha` must be a finite number > 0; got {self.alpha!r}.")
+        _check_positive("alpha", self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}.")
         if self.conv_modes not in CONV_MODES:
@@ -179,13 +183,11 @@ class TuckerAdapterConfig(PeftConfig):
                 "`absorb_core=True` needs `train_bases=True`: the folded core is fixed and only the bases learn; got "
                 "`train_bases=False`."
             )
-        ratio = self.in_basis_lr_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
-            raise ValueError(f"`in_basis_lr_ratio` must be a finite number > 0; got {ratio!r}.")
-        if ratio != 1 and not self.absorb_core:
+        _check_positive("in_basis_lr_ratio", self.in_basis_lr_ratio)
+        if self.in_basis_lr_ratio != 1 and not self.absorb_core:
             raise ValueError(
                 f"`in_basis_lr_ratio` applies to folded adapters only and needs `absorb_core=True`; got "
-                f"in_basis_lr_ratio={ratio!r} with absorb_core=False."
+                f"in_basis_lr_ratio={self.in_basis_lr_ratio!r} with absorb_core=False."
             )
         _check_int("core_steps", self.core_steps, 1)
         _check_int("augment_start_step", self.augment_start_step, 0)
