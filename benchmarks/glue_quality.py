@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> dict:
         "selection": selection and {k: selection[k] for k in ("holdout_fraction", "seed", "tasks", "by_candidate")},
         "environment": env,
         "jobs": args.jobs,
-        "partial": args.collect_only,
+        # only `--collect_only` can leave grid runs out; a record holding them all is complete
+        "partial": len(runs) < len(preset["tasks"]) * len(preset["methods"]) * len(preset["seeds"]),
         "threads_per_run": max(1, len(os.sched_getaffinity(0)) // args.jobs),
         "total_wall_time_s": time.perf_counter() - start,
         "summary": aggregate(runs, preset),

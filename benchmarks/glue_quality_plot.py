@@ -4,6 +4,8 @@ r=8 on the same seeds."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 MARKERS = {
@@ -13,6 +15,23 @@ MARKERS = {
     "lora": ("s", "tab:orange"),
     "adalora": ("^", "tab:green"),
 }
+# families without a style of their own (a preset's newer Tucker settings), in order of appearance
+OTHER_STYLES = [("v", "tab:red"), ("P", "tab:brown"), ("X", "tab:pink"), ("<", "tab:cyan"), ("h", "tab:olive")]
+
+
+def family_styles(families: list[str]) -> dict[str, tuple[str, str]]:
+    """`(marker, color)` per family: the fixed ones of `MARKERS`, the others in turn from `OTHER_STYLES`."""
+    others = itertools.cycle(OTHER_STYLES)
+    return {family: MARKERS.get(family) or next(others) for family in dict.fromkeys(families)}
+
+
+def majority_on_axis(majority: float, means: list[float], stds: list[float]) -> bool:
+    """Whether the majority-class line is drawn: only when it lies within the methods' own range plus as much again
+    (at least 5 points) below it; far below, it would squash the curves into a flat line, and is named instead."""
+    spreads = [s if math.isfinite(s) else 0.0 for s in stds]  # one seed: no spread
+    low = min(m - s for m, s in zip(means, spreads))
+    high = max(m + s for m, s in zip(means, spreads))
+    return majority >= low - max(5.0, high - low)
 
 
 def plot_quality(summary: dict, path: Path, title: str) -> Path:
@@ -29,7 +48,9 @@ def plot_quality(summary: dict, path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         cells = [c for c in summary["cells"].values() if c["task"] == task]
-        for name in dict.fromkeys(c.get("family", c["method"]) for c in cells):
+        styles = family_styles([c.get("family", c["method"]) for c in cells])
+        all_means, all_stds = [], []
+        for name, (marker, color) in styles.items():
             # one method's settings (LoRA's ranks, Tucker's tau) as one curve, by parameter share
             points = sorted(
                 (
@@ -39,18 +60,20 @@ def plot_quality(summary: dict, path: Path, title: str) -> Path:
                 ),
                 key=lambda point: point[0],
             )
-            marker, color = MARKERS.get(name, ("x", "black"))
             shares = [share for share, _ in points]
             means = [100 * c["score"]["mean"] for _, c in points]
             stds = [100 * c["score"]["std"] for _, c in points]
+            all_means += means
+            all_stds += stds
             n = min(c["score"]["n"] for _, c in points)
             ax.errorbar(shares, means, yerr=stds, fmt=marker + "-", color=color, capsize=3, linewidth=1,
                         label=f"{name} (n={n})")  # fmt: skip
         ax.axvline(70, color="gray", linestyle=":", linewidth=1)  # the goal's parameter budget
         majority = next((c["majority_score"] for c in cells if c.get("majority_score") is not None), None)
-        if majority is not None:  # a run at this line learned nothing
+        if majority is not None and majority_on_axis(100 * majority, all_means, all_stds):
+            # a run at this line learned nothing
             ax.axhline(100 * majority, color="gray", linestyle="--", linewidth=1, label="majority class")
-        ax.set_title(task)
+        ax.set_title(task if majority is None else f"{task} (majority class {100 * majority:.1f})")
         ax.set_xlabel("active params, % of LoRA r=8")
         ax.set_ylabel(next(c["metric"] for c in summary["cells"].values() if c["task"] == task) + " (x100)")
         ax.legend(fontsize=7)
@@ -62,9 +85,18 @@ def plot_quality(summary: dict, path: Path, title: str) -> Path:
     return path
 
 
+def seed_band(seeds: list[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """One method's loss over its seeds (each `{step: loss}`): the steps every seed logged, and at each the mean,
+    the lowest and the highest loss (a seed's line would hide the others; 35 runs in one panel are unreadable)."""
+    steps = sorted(set.intersection(*(set(seed) for seed in seeds))) if seeds else []
+    losses = [[seed[step] for seed in seeds] for step in steps]
+    return steps, [sum(v) / len(v) for v in losses], [min(v) for v in losses], [max(v) for v in losses]
+
+
 def plot_loss_curves(runs: list[dict], path: Path, title: str) -> Path | None:
     """Writes one panel per task: the training loss logged by each run (`trainer_state.json` in its `output_dir`),
-    one line per method and seed, coloured by method family. Returns `path`, or `None` when no run logged a loss."""
+    one line per method (the mean over its seeds, their range as a band), coloured by method family. Returns
+    `path`, or `None` when no run logged a loss."""
     import json
 
     import matplotlib
@@ -89,16 +121,19 @@ def plot_loss_curves(runs: list[dict], path: Path, title: str) -> Path | None:
     for ax, task in zip(axes[0], tasks):
         mine = [(run, points) for run, points in curves if run["task"] == task]
         methods = list(dict.fromkeys(run["method"] for run, _ in mine))
-        labelled = set()
-        for run, points in mine:
-            family = run.get("family", run["method"])
-            _, color = MARKERS.get(family, ("x", "black"))
+        colors = family_styles([run.get("family", run["method"]) for run, _ in mine])
+        for method in methods:
+            seeds = [dict(points) for run, points in mine if run["method"] == method]
+            family = next(run.get("family", method) for run, _ in mine if run["method"] == method)
+            _, color = colors[family]
             siblings = [m for m in methods if any(r["method"] == m and r.get("family", m) == family for r, _ in mine)]
-            label = None if run["method"] in labelled else run["method"]
-            labelled.add(run["method"])
-            steps, losses = zip(*points)
-            ax.plot(steps, losses, styles[siblings.index(run["method"]) % len(styles)], color=color, linewidth=1,
-                    label=label)  # fmt: skip
+            steps, mean, low, high = seed_band(seeds)
+            if not steps:
+                continue
+            ax.plot(steps, mean, styles[siblings.index(method) % len(styles)], color=color, linewidth=1.2,
+                    label=f"{method} (n={len(seeds)})")  # fmt: skip
+            if len(seeds) > 1:
+                ax.fill_between(steps, low, high, color=color, alpha=0.12)
         ax.set_title(task)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss")

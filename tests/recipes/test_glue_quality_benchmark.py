@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,18 @@ def test_variants_draw_a_method_at_other_settings(tmp_path: Path):
                                 "variants": {"lora_r2": {"method": "dora", "rank": 2}}}))  # fmt: skip
     with pytest.raises(ValueError, match=r"`variants.lora_r2.method` must be one of \['tucker', 'lora', 'adalora'\]"):
         glue_quality.load_preset(str(path))
+
+
+def test_figure_styles_tell_families_apart_and_keep_close_curves_readable():
+    plot = sys.modules["glue_quality_plot"]  # imported by glue_quality from its folder
+    styles = plot.family_styles(["lora", "tucker absorb_core", "tucker absorb_core, LoRA's steps", "lora", "adalora"])
+    assert list(styles) == ["lora", "tucker absorb_core", "tucker absorb_core, LoRA's steps", "adalora"]
+    assert styles["lora"] == plot.MARKERS["lora"] and len(set(styles.values())) == 4  # no two families alike
+    # SST-2's majority rate 50.9 far below methods at 82-84: named in the title, not drawn (it would flatten them)
+    assert plot.majority_on_axis(50.9, [83.0, 83.8], [1.0, 0.8]) is False
+    # MRPC's 68.4 just below methods at 71-76: drawn; CoLA's MCC 0 beside a one-seed run at 0: drawn
+    assert plot.majority_on_axis(68.4, [75.7, 70.9], [1.5, 1.0]) is True
+    assert plot.majority_on_axis(0.0, [0.0, 5.0], [float("nan"), 0.0]) is True
 
 
 def test_budget_runs_report_their_adapter_only_fraction():
@@ -221,6 +234,14 @@ def test_one_tiny_run_end_to_end(tiny_bert_dir: Path, glue_dir: Path, tmp_path: 
     again = glue_quality.main(["--preset", str(path), "--output_dir", str(tmp_path / "runs"), "--results_dir",
                                str(results), "--timeout_s", "300"])  # fmt: skip
     assert again["runs"][0]["active_trainable_parameters"] < first
+    # --collect_only tabulates what finished; the record says "partial" only when a grid run is missing
+    collect = ["--output_dir", str(tmp_path / "runs"), "--results_dir", str(results), "--collect_only"]
+    path.write_text(json.dumps({**preset, "seeds": [0, 1]}))
+    assert glue_quality.main(["--preset", str(path), *collect])["partial"] is False
+    path.write_text(json.dumps({**preset, "seeds": [0, 1, 2]}))
+    partial = glue_quality.main(["--preset", str(path), *collect])
+    assert partial["partial"] is True and [r["seed"] for r in partial["runs"]] == [0, 1]
+    assert "Partial results" in (results / "glue_quality_preset.md").read_text()
 
 
 def test_select_picks_per_method_tucker_within_the_parameter_budget(monkeypatch: pytest.MonkeyPatch):
@@ -279,6 +300,9 @@ def test_loss_curves_read_each_runs_trainer_state(tmp_path: Path):
     path = glue_quality.plot_loss_curves(runs, tmp_path / "loss.png", "t")
     assert path == tmp_path / "loss.png" and path.stat().st_size > 0
     assert glue_quality.plot_loss_curves(runs[-1:], tmp_path / "none.png", "t") is None  # nothing logged
+    # one line per method: the mean over seeds at the steps all of them logged, and their range
+    band = sys.modules["glue_quality_plot"].seed_band([{10: 1.0, 20: 0.5, 30: 0.2}, {10: 0.8, 20: 0.7}])
+    assert band == ([10, 20], [pytest.approx(0.9), pytest.approx(0.6)], [0.8, 0.5], [1.0, 0.7])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "benchmarks" / "configs").glob("glue_quality_*.json")), ids=str)
