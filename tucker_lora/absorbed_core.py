@@ -59,17 +59,16 @@ def fold(batch: LayerBatch) -> None:
 
 
 @torch.no_grad()
-def keep_in_bases(layers: list[tuple[str, Any]], name: str, config: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def keep_in_bases(folded: list[Any], name: str, ratio: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`(V's active columns, a copy of them)` for every folded layer, taken before `optimizer.step()`, for
-    `scale_in_basis_steps`; empty when `in_basis_lr_ratio` is 1 (the optimizer's own steps stand). Only the active
-    columns: the others stay zero (no gradient, zero weight decay), so their step is zero at any ratio."""
-    if config.in_basis_lr_ratio == 1.0:
+    `scale_in_basis_steps`; empty when `ratio` (`in_basis_lr_ratio`) is 1 (the optimizer's own steps stand). Only the
+    active columns: the others stay zero (no gradient, zero weight decay), so their step is zero at any ratio."""
+    if ratio == 1.0:
         return []
     kept = []
-    for _, layer in layers:
-        if folds(config, layer.tucker_core[name]):
-            active = layer.tucker_bases[name][1][:, : layer.active_ranks(name)[1]]
-            kept.append((active, active.clone()))
+    for layer in folded:
+        active = layer.tucker_bases[name][1][:, : layer.active_ranks(name)[1]]
+        kept.append((active, active.clone()))
     return kept
 
 

@@ -251,11 +251,11 @@ class TuckerRankUpdater:
                 for batch in batched_cycle.shape_batches(group.layers, group.name):
                     for layer, kept in zip(batch.layers, batched_cycle.kept_gradients(batch)):
                         self._basis_grads[id(layer)] = kept
-            if group.config.absorb_core:
-                for _, layer in group.layers:
-                    core = layer.tucker_core[group.name]
-                    if folds(group.config, core):
-                        core.grad = None  # folded: the core stays the identity, K = U C and V learn
+            if group.config.absorb_core:  # validated: implies train_bases
+                folded = [layer for _, layer in group.layers if folds(group.config, layer.tucker_core[group.name])]
+                for layer in folded:
+                    layer.tucker_core[group.name].grad = None  # folded: the core stays I, K = U C and V learn
+                self._in_bases[group.name] = keep_in_bases(folded, group.name, group.config.in_basis_lr_ratio)
             if not group.config.train_bases:
                 for basis in bases:
                     basis.grad = None
@@ -263,8 +263,6 @@ class TuckerRankUpdater:
                 for grad in grads:
                     # a non-finite step would reach the bases; the core's raises at the next cycle event
                     torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
-                if group.config.absorb_core:
-                    self._in_bases[group.name] = keep_in_bases(group.layers, group.name, group.config)
 
     def after_step(self) -> None:
         """Ends optimizer step `self.step + 1`: augments or truncates as the schedule says, then syncs processes."""
