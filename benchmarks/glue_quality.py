@@ -480,6 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores // jobs threads)")
     parser.add_argument("--tasks", nargs="+", default=None, help="only these of the preset's tasks, in this order")
     parser.add_argument("--methods", nargs="+", default=None, help="only these of the preset's methods")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="these seeds instead of the preset's")
     parser.add_argument("--collect_only", action="store_true", help="start no run; tabulate the finished runs")
     args = parser.parse_args(argv)
 
@@ -493,6 +494,10 @@ def main(argv: list[str] | None = None) -> dict:
             if unknown:
                 raise ValueError(f"`--{key}` must be among the preset's {list(preset[key])}; got {sorted(unknown)}")
             preset[key] = {k: preset[key][k] for k in chosen} if key == "tasks" else chosen  # in the given order
+    if args.seeds is not None:
+        if len(set(args.seeds)) != len(args.seeds):
+            raise ValueError(f"`--seeds` must not repeat a seed; got {args.seeds}")
+        preset["seeds"] = args.seeds  # more seeds for a close call, or fewer for a first look
     name = preset.get("name", Path(preset["_path"]).stem.removeprefix("glue_quality_"))
     out_root = Path(args.output_dir or REPO / "outputs" / "glue_quality" / name)
     results = Path(args.results_dir)

@@ -17,6 +17,13 @@ MARKERS = {
 }
 # families without a style of their own (a preset's newer Tucker settings), in order of appearance
 OTHER_STYLES = [("v", "tab:red"), ("P", "tab:brown"), ("X", "tab:pink"), ("<", "tab:cyan"), ("h", "tab:olive")]
+TITLE_INCHES_PER_CHAR = 0.105  # a title's width per character at matplotlib's default 12 pt
+
+
+def figure_width(panel_inches: float, panels: int, title: str, fontsize: float = 12.0) -> float:
+    """Inches for `panels` panels side by side, and never narrower than the title (one task's panel alone cut a
+    preset's long name off)."""
+    return max(panel_inches * panels, TITLE_INCHES_PER_CHAR * fontsize / 12.0 * len(title))
 
 
 def family_styles(families: list[str]) -> dict[str, tuple[str, str]]:
@@ -45,7 +52,7 @@ def plot_quality(summary: dict, path: Path, title: str) -> Path:
     tasks = list(dict.fromkeys(cell["task"] for cell in summary["cells"].values()))
     if not tasks:
         raise ValueError("nothing to plot: the summary has no finished runs")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(figure_width(3.6, len(tasks), title), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         cells = [c for c in summary["cells"].values() if c["task"] == task]
         styles = family_styles([c.get("family", c["method"]) for c in cells])
@@ -116,7 +123,7 @@ def plot_loss_curves(runs: list[dict], path: Path, title: str) -> Path | None:
     if not curves:
         return None
     tasks = list(dict.fromkeys(run["task"] for run, _ in curves))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(figure_width(4.5, len(tasks), title), 3.6), squeeze=False)
     styles = ["-", "--", ":", "-."]
     for ax, task in zip(axes[0], tasks):
         mine = [(run, points) for run, points in curves if run["task"] == task]
@@ -160,7 +167,9 @@ def plot_paired(summary: dict, path: Path, title: str) -> Path | None:
         return None
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     rows = max(sum(c["task"] == task for c in cells) for task in tasks)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 1.2 + 0.45 * rows), squeeze=False)
+    title = title + ": gap to LoRA r=8 (dots: seeds; bar: 95% over the rows)"
+    width = figure_width(4.8, len(tasks), title, fontsize=9)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(width, 1.2 + 0.45 * rows), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         mine = [c for c in cells if c["task"] == task]
         for y, cell in enumerate(mine):
@@ -174,7 +183,7 @@ def plot_paired(summary: dict, path: Path, title: str) -> Path | None:
         ax.invert_yaxis()
         ax.set_title(task)
         ax.set_xlabel("score minus LoRA r=8's, same seed (points)")
-    fig.suptitle(title + ": gap to LoRA r=8 (dots: seeds; bar: 95% over the rows)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

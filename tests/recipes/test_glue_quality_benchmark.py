@@ -87,6 +87,12 @@ def test_figure_styles_tell_families_apart_and_keep_close_curves_readable():
     # MRPC's 68.4 just below methods at 71-76: drawn; CoLA's MCC 0 beside a one-seed run at 0: drawn
     assert plot.majority_on_axis(68.4, [75.7, 70.9], [1.5, 1.0]) is True
     assert plot.majority_on_axis(0.0, [0.0, 5.0], [float("nan"), 0.0]) is True
+    # one task's panel is widened to its title; several panels already are wide enough
+    title = "GLUE quality, preset sst2_fresh_curve, minilm"
+    assert plot.figure_width(3.6, 1, title) == pytest.approx(plot.TITLE_INCHES_PER_CHAR * len(title))
+    assert plot.TITLE_INCHES_PER_CHAR * len(title) > 3.6
+    assert plot.figure_width(3.6, 2, title) == 7.2
+    assert plot.figure_width(4.8, 1, title, fontsize=6) == 4.8
 
 
 def test_budget_runs_report_their_adapter_only_fraction():
@@ -242,6 +248,9 @@ def test_one_tiny_run_end_to_end(tiny_bert_dir: Path, glue_dir: Path, tmp_path: 
     partial = glue_quality.main(["--preset", str(path), *collect])
     assert partial["partial"] is True and [r["seed"] for r in partial["runs"]] == [0, 1]
     assert "Partial results" in (results / "glue_quality_preset.md").read_text()
+    # --seeds replaces the preset's seeds: the record holds those runs only, complete
+    only_one = glue_quality.main(["--preset", str(path), *collect, "--seeds", "1"])
+    assert only_one["seeds"] == [1] and [r["seed"] for r in only_one["runs"]] == [1] and not only_one["partial"]
 
 
 def test_select_picks_per_method_tucker_within_the_parameter_budget(monkeypatch: pytest.MonkeyPatch):
@@ -279,6 +288,13 @@ def test_select_picks_per_method_tucker_within_the_parameter_budget(monkeypatch:
     # the eval stage applies the pick on top of the preset's values
     options = glue_quality.run_options(preset, "rte", "lora", 0, record["chosen"])
     assert options["learning_rate"] == 0.003 and options["rank"] == 8 and options["task"] == "rte"
+
+
+def test_seeds_option_rejects_a_repeated_seed(tmp_path: Path):
+    path = tmp_path / "preset.json"
+    path.write_text(json.dumps({"seeds": [0], "tasks": {"sst2": {}}, "methods": ["lora"], "common": {}}))
+    with pytest.raises(ValueError, match=r"`--seeds` must not repeat a seed; got \[3, 4, 3\]"):
+        glue_quality.main(["--preset", str(path), "--results_dir", str(tmp_path), "--seeds", "3", "4", "3"])
 
 
 def test_select_rejects_a_grid_for_an_unknown_method():
