@@ -127,13 +127,12 @@ def plot_loss_curves(runs: list[dict], path: Path, title: str) -> Path | None:
     styles = ["-", "--", ":", "-."]
     for ax, task in zip(axes[0], tasks):
         mine = [(run, points) for run, points in curves if run["task"] == task]
-        methods = list(dict.fromkeys(run["method"] for run, _ in mine))
-        colors = family_styles([run.get("family", run["method"]) for run, _ in mine])
-        for method in methods:
+        family_of = {run["method"]: run.get("family", run["method"]) for run, _ in mine}  # in order of appearance
+        colors = family_styles(list(family_of.values()))
+        for method, family in family_of.items():
             seeds = [dict(points) for run, points in mine if run["method"] == method]
-            family = next(run.get("family", method) for run, _ in mine if run["method"] == method)
             _, color = colors[family]
-            siblings = [m for m in methods if any(r["method"] == m and r.get("family", m) == family for r, _ in mine)]
+            siblings = [m for m, f in family_of.items() if f == family]  # one colour, told apart by line style
             steps, mean, low, high = seed_band(seeds)
             if not steps:
                 continue
